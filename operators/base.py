@@ -1,0 +1,128 @@
+"""What every Shardline operator shares: the spec, the store, the partition, the run."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import Asset, BaseOperator, conf
+from airflow.sdk.exceptions import AirflowFailException
+
+from tfjobs.layout import Layout, run_key
+from tfjobs.spec import PipelineSpec, load_spec
+
+# The run's logical date; a run triggered without one (Airflow 3 allows that) uses its run_after.
+PARTITION_TEMPLATE = "{{ (dag_run.logical_date or dag_run.run_after) | ds }}"
+CONFIG_SECTION = "shardline"
+
+
+def configured_store_uri() -> str | None:
+    """``[shardline] store_uri`` from Airflow's config (``AIRFLOW__SHARDLINE__STORE_URI``)."""
+    return conf.get(CONFIG_SECTION, "store_uri", fallback=None) or None
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_spec(path: str, mtime: float) -> PipelineSpec:
+    return load_spec(path)
+
+
+def read_spec(path: str | os.PathLike) -> PipelineSpec:
+    """The spec at ``path``, parsed once per file version (DAG files are parsed constantly)."""
+    path = str(path)
+    return _cached_spec(path, Path(path).stat().st_mtime)
+
+
+class ShardlineOperator(BaseOperator):
+    """Base for the pipeline's operators.
+
+    :param spec: path of the pipeline spec YAML (``include/<dataset>.yaml``).
+    :param store_uri: root of the object store: a path, ``file://`` or ``s3://bucket/prefix``
+        (templated). Defaults to ``[shardline] store_uri`` in Airflow's config.
+    :param partition: the data partition, by default the run's logical date (templated).
+    """
+
+    template_fields: Sequence[str] = ("store_uri", "partition")
+    #: The layout property this operator writes, declared as an Airflow Asset (None: no asset).
+    output_stage: str | None = None
+    ui_color = "#fde9c8"
+
+    def __init__(
+        self,
+        *,
+        spec: str | os.PathLike,
+        store_uri: str | None = None,
+        partition: str = PARTITION_TEMPLATE,
+        **kwargs: Any,
+    ) -> None:
+        if self.output_stage and "outlets" not in kwargs:
+            kwargs["outlets"] = self._stage_assets(spec, store_uri)
+        super().__init__(**kwargs)
+        self.spec = str(spec)
+        self.store_uri = store_uri
+        self.partition = partition
+
+    def _stage_assets(self, spec_path, store_uri: str | None) -> list[Asset]:
+        """The asset this step updates, e.g. ``<store>/shards/penguins`` (none if no store is set)."""
+        root = store_uri or configured_store_uri()
+        if not root or "{{" in root:
+            return []
+        spec = read_spec(spec_path)
+        uri = "/".join([_asset_uri(root), self.output_stage, spec.name])
+        return [Asset(name=f"{spec.name}.{self.output_stage}", uri=uri, group="shardline")]
+
+    def load_spec(self) -> PipelineSpec:
+        try:
+            return read_spec(self.spec)
+        except (OSError, ValueError) as err:
+            raise AirflowFailException(f"{self.task_id}: cannot read spec {self.spec}: {err}") from None
+
+    def layout(self, context, spec: PipelineSpec) -> Layout:
+        root = self.store_uri or configured_store_uri()
+        if not root:
+            raise AirflowFailException(
+                f"{self.task_id}: no object store configured. Pass store_uri= to the operator or set "
+                f"[{CONFIG_SECTION}] store_uri (environment: AIRFLOW__SHARDLINE__STORE_URI), "
+                "e.g. s3://my-bucket/shardline or /data/shardline."
+            )
+        dag_run = context["dag_run"]
+        logical = dag_run.logical_date or dag_run.run_after
+        return Layout(
+            root=root,
+            dataset=spec.name,
+            partition=self.partition,
+            run=run_key(logical.isoformat()),
+            model_name=spec.model_name,
+        )
+
+    @staticmethod
+    def version(context) -> int:
+        """The serving version this run proposes: its logical date in Unix seconds."""
+        dag_run = context["dag_run"]
+        return int((dag_run.logical_date or dag_run.run_after).timestamp())
+
+    @contextlib.contextmanager
+    def failing_fast(self):
+        """Bad input (a ValueError from tfjobs) fails the task without retries: retrying cannot fix it."""
+        try:
+            yield
+        except (ValueError, FileNotFoundError) as err:
+            raise AirflowFailException(f"{type(err).__name__}: {err}") from err
+
+    def finish(self, context, result: Any, **asset_extra: Any) -> dict[str, Any]:
+        """Record the result on this step's asset event and return it for XCom."""
+        payload = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
+        for asset in self.outlets:
+            if isinstance(asset, Asset):
+                context["outlet_events"][asset].extra = {"partition": self.partition, **asset_extra}
+        return payload
+
+
+def _asset_uri(root: str) -> str:
+    if "://" in root:
+        return root.rstrip("/")
+    return Path(root).resolve().as_uri()

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from airflow.sdk.exceptions import AirflowSkipException
+
+from operators.base import ShardlineOperator
+from tfjobs.store import join
+
+
+class ExportServingModelOperator(ShardlineOperator):
+    """Publish the blessed inference model to ``serving/<model_name>/<version>/`` (TF Serving layout).
+
+    The version is the run's logical date in Unix seconds. A model the evaluation
+    did not bless is not published: the task is skipped with the reasons in its log.
+    """
+
+    output_stage = "serving"
+    ui_color = "#b5e48c"
+
+    def execute(self, context):
+        from tfjobs.export import ExportArgs, NotBlessedError, export_model
+
+        spec = self.load_spec()
+        layout = self.layout(context, spec)
+        args = ExportArgs(
+            spec=spec,
+            model_uri=join(layout.run_dir, "train", "training_model.keras"),
+            state_uri=join(layout.preprocessing, "state.json"),
+            shards_manifest_uri=join(layout.shards, "manifest.json"),
+            metrics_uri=join(layout.run_dir, "evaluate", "metrics.json"),
+            serving_uri=layout.serving,
+            version=self.version(context),
+        )
+        try:
+            with self.failing_fast():
+                result = export_model(args)
+        except NotBlessedError as err:
+            raise AirflowSkipException(str(err)) from err
+        self.log.info("Serving version %d at %s", result.version, result.version_uri)
+        return self.finish(context, result, version=result.version, model=result.version_uri)

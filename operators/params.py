@@ -1,0 +1,50 @@
+"""Airflow Params for the trigger form, from a pipeline spec's training defaults."""
+
+from __future__ import annotations
+
+from airflow.sdk import Param
+
+from tfjobs import choices
+from tfjobs.spec import PipelineSpec
+
+#: Params that override the spec's training settings, passed to TrainModelOperator.
+HYPERPARAMETER_NAMES = ("epochs", "batch_size", "learning_rate", "early_stopping_patience")
+HYPERPARAMETERS = {name: "{{ params.%s }}" % name for name in HYPERPARAMETER_NAMES}
+
+
+def training_params(spec: PipelineSpec) -> dict[str, Param]:
+    """The trigger form: typed, ranged and described, with the spec's values as defaults."""
+    training = spec.training
+    return {
+        "epochs": Param(
+            training.epochs, type="integer", minimum=1, maximum=10_000,
+            title="Epochs", description="Most passes over the training split (early stopping may end sooner).",
+        ),
+        "batch_size": Param(
+            training.batch_size, type="integer", minimum=1, maximum=1_048_576,
+            title="Batch size", description="Examples per training step.",
+        ),
+        "learning_rate": Param(
+            training.learning_rate, type="number", exclusiveMinimum=0, maximum=10,
+            title="Learning rate", description="Adam's learning rate.",
+        ),
+        "early_stopping_patience": Param(
+            training.early_stopping_patience, type="integer", minimum=1, maximum=1000,
+            title="Early stopping patience",
+            description="Epochs without a better validation loss before training stops.",
+        ),
+        "model": Param(
+            spec.model.kind, type="string", enum=sorted(choices.MODEL_KINDS),
+            values_display=dict(choices.MODEL_KINDS),
+            title="Model", description="Which model architecture to train.",
+        ),
+        "source_uri": Param(
+            "", type="string", title="Source CSV",
+            description="Fetch this CSV (path, file://, http(s)://, s3://) instead of the spec's source; "
+            "empty for the spec's.",
+        ),
+        "force_retrain": Param(
+            False, type="boolean", title="Retrain",
+            description="Retrain even when a model of the same data and settings exists for this run.",
+        ),
+    }

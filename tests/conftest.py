@@ -1,0 +1,83 @@
+"""Shared fixtures. Airflow's home and the object store live in temporary directories."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+HOUSING_CSV = SHARED / "datasets" / "housing" / "housing.csv"
+
+# Before anything imports Airflow: a throwaway AIRFLOW_HOME, and the project on sys.path.
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="shardline-airflow-"))
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(ROOT))
+
+import pytest  # noqa: E402
+
+from tfjobs.spec import load_spec, parse_spec  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def penguins_spec():
+    return load_spec(ROOT / "include" / "penguins.yaml")
+
+
+def tiny_spec(**overrides):
+    """A three-feature classification spec for small fixtures."""
+    raw = {
+        "name": "tiny",
+        "source": {"kind": "csv", "uri": "unused.csv"},
+        "label": {"name": "kind", "task": "classification", "classes": ["a", "b"]},
+        "features": {
+            "size": {"kind": "numeric"},
+            "colour": {"kind": "categorical"},
+            "batch": {"kind": "integer_categorical"},
+        },
+        "split": {"train": 0.6, "eval": 0.2, "test": 0.2},
+        "max_quarantine_fraction": 0.5,
+    }
+    raw.update(overrides)
+    return parse_spec(raw)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return str(tmp_path / "store")
+
+
+@pytest.fixture(scope="session")
+def penguins_pipeline(tmp_path_factory, penguins_spec):
+    """The penguins pipeline run once through the tfjobs library (no Airflow), shared by tests."""
+    from types import SimpleNamespace
+
+    from tfjobs.adapt import adapt_preprocessing
+    from tfjobs.evaluate import evaluate_model
+    from tfjobs.export import ExportArgs, export_model
+    from tfjobs.fetch import fetch_dataset
+    from tfjobs.layout import Layout
+    from tfjobs.shard import shard_dataset
+    from tfjobs.train import TrainArgs, train_model
+    from tfjobs.validate import validate_dataset
+
+    spec = penguins_spec
+    layout = Layout(str(tmp_path_factory.mktemp("store")), spec.name, "2026-11-25", run="r1")
+    run = SimpleNamespace(layout=layout, spec=spec)
+    run.fetch = fetch_dataset(spec, layout.raw)
+    run.validate = validate_dataset(spec, layout.raw, layout.validated)
+    run.shard = shard_dataset(spec, layout.validated, layout.shards)
+    run.adapt = adapt_preprocessing(spec, run.shard.manifest_uri, layout.preprocessing)
+    run.train = train_model(TrainArgs(spec, run.shard.manifest_uri, run.adapt.state_uri, layout.run_dir + "/train"))
+    run.evaluate = evaluate_model(
+        spec, run.train.model_uri, run.adapt.state_uri, run.shard.manifest_uri, layout.run_dir + "/evaluate"
+    )
+    run.export = export_model(
+        ExportArgs(spec, run.train.model_uri, run.adapt.state_uri, run.shard.manifest_uri,
+                   run.evaluate.metrics_uri, layout.serving, 1764028800)
+    )
+    return run

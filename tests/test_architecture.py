@@ -1,0 +1,72 @@
+"""Imports run one way: dags -> operators -> tfjobs; tfjobs runs without Airflow."""
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+JOBS = ["fetch", "validate", "shard", "adapt", "train", "evaluate", "export", "predict", "report"]
+
+
+def top_level_imports(path):
+    tree = ast.parse(path.read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module.split(".")[0]
+
+
+def all_imports(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            yield node.module.split(".")[0]
+
+
+def test_tfjobs_never_imports_airflow_dags_or_operators():
+    for path in (ROOT / "tfjobs").rglob("*.py"):
+        assert not {"airflow", "operators", "dags"} & set(all_imports(path)), path
+
+
+def test_operators_never_import_dags_and_defer_tensorflow():
+    for path in (ROOT / "operators").rglob("*.py"):
+        assert "dags" not in set(all_imports(path)), path
+        assert not {"tensorflow", "keras", "tensorflow_datasets"} & set(top_level_imports(path)), path
+
+
+def test_dags_import_no_tensorflow_at_module_level():
+    for path in (ROOT / "dags").rglob("*.py"):
+        assert not {"tensorflow", "keras", "tfjobs"} & set(top_level_imports(path)) - {"tfjobs"}, path
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_has_a_command_line(job):
+    completed = subprocess.run([sys.executable, "-m", f"tfjobs.{job}", "--help"], capture_output=True, text=True,
+                               cwd=ROOT, check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith("usage: python -m tfjobs.")
+
+
+def test_tfjobs_imports_without_airflow_installed():
+    code = (
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def guard(name, *a, **k):\n"
+        "    if name.split('.')[0] == 'airflow': raise ImportError('airflow is not installed')\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guard\n"
+        + "".join(f"import tfjobs.{job}\n" for job in JOBS)
+        + "import tfjobs.preprocessing, tfjobs.models\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+
+
+def test_model_kinds_described_for_the_form_match_the_builders():
+    from tfjobs import choices, models
+
+    assert set(models.MODEL_KINDS) == set(choices.MODEL_KINDS)

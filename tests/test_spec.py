@@ -1,0 +1,64 @@
+import pytest
+
+from conftest import ROOT, tiny_spec
+from tfjobs.spec import SpecError, TrainingSpec, load_spec, parse_spec
+
+
+def test_every_shipped_spec_loads():
+    specs = sorted((ROOT / "include").glob("*.yaml"))
+    assert specs
+    for path in specs:
+        spec = load_spec(path)
+        assert spec.label.name not in [f.name for f in spec.features]
+
+
+def test_errors_name_the_file_and_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nsource: {kind: csv, uri: a.csv}\nlabel: {name: y, task: clustering}\n"
+                    "features: {a: {kind: numeric}}\n")
+    with pytest.raises(SpecError, match=r"bad\.yaml: label\.task 'clustering'"):
+        load_spec(path)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"features": {"a": {"kind": "vector"}}}, r"features\.a\.kind 'vector'"),
+        ({"features": {"a": {"kind": "numeric", "missing": "drop"}}}, r"features\.a\.missing 'drop'"),
+        ({"split": {"train": 0.9, "eval": 0.2, "test": 0.1}}, "sum to 1"),
+        ({"split": {"key": ["nope"]}}, r"split\.key names unknown columns \['nope'\]"),
+        ({"shards": {"train": 0}}, "positive integer"),
+        ({"label": {"name": "kind", "task": "classification", "classes": ["a"]}}, "at least two classes"),
+        ({"trainig": {}}, r"unknown top-level fields \['trainig'\]"),
+        ({"training": {"epoch": 3}}, r"training has unknown fields \['epoch'\]"),
+        ({"source": {"kind": "csv"}}, "needs source.uri"),
+    ],
+)
+def test_bad_specs_are_rejected_with_the_field_named(change, message):
+    with pytest.raises(SpecError, match=message):
+        tiny_spec(**change)
+
+
+def test_label_cannot_also_be_a_feature():
+    with pytest.raises(SpecError, match="also listed as a feature"):
+        tiny_spec(features={"kind": {"kind": "categorical"}})
+
+
+def test_training_overrides_are_cast_and_checked():
+    settings = TrainingSpec().with_overrides({"epochs": "7", "learning_rate": "0.5"})
+    assert (settings.epochs, settings.learning_rate) == (7, 0.5)
+    with pytest.raises(SpecError, match="Unknown training setting 'epoch'"):
+        TrainingSpec().with_overrides({"epoch": 3})
+    with pytest.raises(SpecError, match="'batch_size' must be int, got 'many'"):
+        TrainingSpec().with_overrides({"batch_size": "many"})
+
+
+def test_fingerprint_follows_content(penguins_spec):
+    assert penguins_spec.fingerprint() == load_spec(ROOT / "include" / "penguins.yaml").fingerprint()
+    assert tiny_spec().fingerprint() != tiny_spec(shards={"train": 3}).fingerprint()
+    assert parse_spec({**_minimal(), "description": "x"}).fingerprint() != parse_spec(_minimal()).fingerprint()
+
+
+def _minimal():
+    return {"name": "m", "source": {"kind": "palmerpenguins"},
+            "label": {"name": "y", "task": "regression"}, "features": {"x": {"kind": "numeric"}}}

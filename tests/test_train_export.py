@@ -1,0 +1,121 @@
+"""Training, evaluation and the exported model, on the penguins pipeline."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from tfjobs.export import ExportArgs, NotBlessedError, export_model, published_versions
+from tfjobs.store import read_json, store_for, write_json
+from tfjobs.train import TrainArgs, train_model
+
+
+def test_training_leaves_model_checkpoints_logs_and_curve(penguins_pipeline):
+    run = penguins_pipeline
+    prefix = run.layout.run_dir + "/train/"
+    names = {f[len(prefix):] for f in store_for(prefix).list(prefix)}
+    assert {"training_model.keras", "checkpoints/best.weights.h5", "history.json", "training_curve.png",
+            "training.json"} <= names
+    assert any(n.startswith("tensorboard/train/events.out.tfevents") for n in names)
+    history = read_json(run.layout.run_dir + "/train/history.json")
+    assert len(history["loss"]) == run.train.epochs_run
+    assert history["loss"][-1] < history["loss"][0]
+
+
+def test_retraining_the_same_inputs_is_skipped_unless_forced(penguins_pipeline):
+    run = penguins_pipeline
+    args = TrainArgs(run.spec, run.shard.manifest_uri, run.adapt.state_uri, run.layout.run_dir + "/train")
+    assert not train_model(args).rewritten
+
+
+def test_exported_model_is_accurate_on_the_test_split(penguins_pipeline):
+    metrics = read_json(penguins_pipeline.evaluate.metrics_uri)
+    assert metrics["blessed"] and metrics["metrics"]["accuracy"] >= 0.95
+    assert sum(map(sum, metrics["metrics"]["confusion_matrix"]["counts"])) == penguins_pipeline.shard.records["test"]
+
+
+SERVE_RAW_ROWS = """
+import json, sys
+import numpy as np, tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+inputs = serve.structured_input_signature[1]
+out = serve(
+    bill_length_mm=tf.constant([39.1, np.nan, 50.0]),
+    bill_depth_mm=tf.constant([18.7, np.nan, 15.2]),
+    flipper_length_mm=tf.constant([181.0, 200.0, np.nan]),
+    body_mass_g=tf.constant([3750.0, 4000.0, 5700.0]),
+    island=tf.constant(["Torgersen", "Atlantis", ""]),
+    sex=tf.constant(["male", "", "female"]),
+    year=tf.constant([2007, 2031, -1], tf.int64),
+)
+print(json.dumps({"dtypes": {k: v.dtype.name for k, v in inputs.items()},
+                  "probabilities": out["probabilities"].numpy().tolist(),
+                  "classes": [c.decode() for c in out["classes"].numpy()]}))
+"""
+
+
+def test_saved_model_answers_raw_rows_in_a_fresh_process(penguins_pipeline):
+    version_dir = store_for("/").local_path(penguins_pipeline.export.version_uri)
+    assert (version_dir / "saved_model.pb").exists() and (version_dir / "model.keras").exists()
+    completed = subprocess.run([sys.executable, "-c", SERVE_RAW_ROWS, str(version_dir)],
+                               capture_output=True, text=True, check=True)
+    result = json.loads(completed.stdout)
+    assert result["dtypes"] == {"bill_length_mm": "float32", "bill_depth_mm": "float32",
+                                "flipper_length_mm": "float32", "body_mass_g": "float32",
+                                "island": "string", "sex": "string", "year": "int64"}
+    probabilities = np.array(result["probabilities"])
+    assert probabilities.shape == (3, 3)
+    assert np.isfinite(probabilities).all()
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert result["classes"][0] == "Adelie"
+
+
+def test_keras_file_reloads_with_identical_predictions(penguins_pipeline):
+    import keras
+    import tensorflow as tf
+
+    from tfjobs.evaluate import load_inference_model
+
+    run = penguins_pipeline
+    _, in_memory = load_inference_model(run.train.model_uri, run.adapt.state_uri)
+    reloaded = keras.saving.load_model(store_for("/").local_path(run.export.keras_uri))
+    rows = {"bill_length_mm": [40.0, np.nan], "bill_depth_mm": [18.0, 15.0], "flipper_length_mm": [190.0, 220.0],
+            "body_mass_g": [3800.0, 5000.0], "island": ["Dream", "nowhere"], "sex": ["male", ""],
+            "year": [2008, 1999]}
+    batch = {k: tf.constant(v, tf.int64 if k == "year" else None) for k, v in rows.items()}
+    np.testing.assert_allclose(reloaded(batch), in_memory(batch), atol=1e-6)
+
+
+def test_export_of_the_same_model_rewrites_nothing(penguins_pipeline):
+    run = penguins_pipeline
+    args = ExportArgs(run.spec, run.train.model_uri, run.adapt.state_uri, run.shard.manifest_uri,
+                      run.evaluate.metrics_uri, run.layout.serving, 1764115200)
+    again = export_model(args)
+    assert (again.version, again.rewritten) == (run.export.version, False)
+    assert list(published_versions(run.layout.serving)) == [run.export.version]
+
+
+def test_unblessed_model_is_not_exported(penguins_pipeline, tmp_path):
+    run = penguins_pipeline
+    metrics = read_json(run.evaluate.metrics_uri)
+    metrics.update(blessed=False, failures=["accuracy 0.5 < required minimum 0.95"])
+    write_json(str(tmp_path / "metrics.json"), metrics)
+    args = ExportArgs(run.spec, run.train.model_uri, run.adapt.state_uri, run.shard.manifest_uri,
+                      str(tmp_path / "metrics.json"), str(tmp_path / "serving"), 5)
+    with pytest.raises(NotBlessedError, match="accuracy 0.5 < required minimum 0.95"):
+        export_model(args)
+    assert not (tmp_path / "serving").exists()
+
+
+def test_predict_cli_loads_the_newest_version(penguins_pipeline):
+    completed = subprocess.run(
+        [sys.executable, "-m", "tfjobs.predict", "--serving", penguins_pipeline.layout.serving,
+         "--instances", str(ROOT / "include" / "penguins_request.json")],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    )
+    result = json.loads(completed.stdout)
+    assert result["version"] == penguins_pipeline.export.version
+    assert [p["classes"] for p in result["predictions"][:3]] == ["Adelie", "Chinstrap", "Gentoo"]

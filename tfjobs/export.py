@@ -1,0 +1,283 @@
+"""Export a blessed model for serving: raw features in, predictions out.
+
+Writes ``serving/<model_name>/<version>/`` in the TF Serving layout (a SavedModel
+whose ``serving_default`` signature takes one 1-D tensor per raw feature: strings
+for categories, float32 with NaN allowed for numbers, int64 for integer ids), plus
+``model.keras`` (the same inference model as a Keras file) and ``shardline.json``
+(where it came from and its test metrics).
+
+Before anything is published, a fresh Python process loads the SavedModel and
+predicts raw test rows, plus rows with every number missing and categories never
+seen in training; its answers must match the training pipeline's predictions for
+the same rows (training/serving skew check). The version is then published all
+at once: renamed into place on a local store, ``saved_model.pb`` uploaded last on
+an object store (TF Serving takes ``saved_model.pb`` as the sign that a version is
+complete).
+
+Versions are integers; the caller proposes one (the run's logical date in Unix
+seconds). Published versions are never overwritten: re-exporting the same model
+finds its version and writes nothing; a different model whose proposed version is
+taken gets the next free integer.
+
+    python -m tfjobs.export --spec include/penguins.yaml --model <run>/train/training_model.keras \\
+        --state <...>/state.json --shards <...>/manifest.json --metrics <run>/evaluate/metrics.json \\
+        --serving <store>/serving/penguins --version 1764028800
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tfjobs import cli
+from tfjobs.spec import PipelineSpec, load_spec
+from tfjobs.store import join, read_json, staging_dir, store_for
+
+log = logging.getLogger(__name__)
+
+SAVED_MODEL_MARKER = "saved_model.pb"
+METADATA_FILE = "shardline.json"
+KERAS_FILE = "model.keras"
+UNSEEN_CATEGORY = "<never seen in training>"
+UNSEEN_ID = 987_654_321
+
+
+class NotBlessedError(RuntimeError):
+    """The evaluation did not bless the model, so it must not be served."""
+
+
+class ServingSkewError(RuntimeError):
+    """The exported model answers differently from the training pipeline."""
+
+
+@dataclass(frozen=True)
+class ExportArgs:
+    spec: PipelineSpec
+    model_uri: str
+    state_uri: str
+    shards_manifest_uri: str
+    metrics_uri: str
+    serving_uri: str
+    version: int
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    version: int
+    version_uri: str
+    keras_uri: str
+    max_skew: float
+    rewritten: bool
+
+
+def published_versions(serving_uri: str) -> dict[int, str]:
+    """Complete versions under a model's serving prefix: {version: uri}."""
+    versions = {}
+    prefix = serving_uri.rstrip("/") + "/"
+    for uri in store_for(serving_uri).list(serving_uri):
+        version, _, rest = uri[len(prefix) :].partition("/")
+        if version.isdigit() and rest == SAVED_MODEL_MARKER:
+            versions[int(version)] = join(serving_uri, version)
+    return dict(sorted(versions.items()))
+
+
+def weights_fingerprint(model) -> str:
+    digest = hashlib.sha256()
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()
+
+
+def export_model(args: ExportArgs) -> ExportResult:
+    spec = args.spec
+    evaluation = read_json(args.metrics_uri)
+    if not evaluation["blessed"]:
+        raise NotBlessedError(f"Model {args.model_uri} was not blessed: {'; '.join(evaluation['failures'])}")
+    if args.version < 1:
+        raise ValueError(f"A serving version must be a positive integer, got {args.version}")
+
+    from tfjobs.evaluate import load_inference_model
+
+    training_model, inference_model = load_inference_model(args.model_uri, args.state_uri)
+    fingerprint = weights_fingerprint(training_model)
+    store = store_for(args.serving_uri)
+    versions = published_versions(args.serving_uri)
+    for version, uri in versions.items():
+        metadata_uri = join(uri, METADATA_FILE)
+        if store.exists(metadata_uri) and read_json(metadata_uri).get("weights_sha256") == fingerprint:
+            log.info("This model is already published as version %d at %s; nothing rewritten", version, uri)
+            return ExportResult(version, uri, join(uri, KERAS_FILE), read_json(metadata_uri)["max_skew"], False)
+    version = args.version
+    if version in versions:
+        version = max(versions) + 1
+        log.info("Version %d already holds another model; publishing as version %d", args.version, version)
+
+    state = read_json(args.state_uri)
+    with staging_dir() as tmp:
+        model_dir = tmp / str(version)
+        write_saved_model(inference_model, state, model_dir)
+        inference_model.save(model_dir / KERAS_FILE)
+        max_skew = check_serving_skew(spec, training_model, state, args.shards_manifest_uri, model_dir, tmp)
+        metadata = {
+            "dataset": spec.name,
+            "model_name": spec.model_name,
+            "version": version,
+            "weights_sha256": fingerprint,
+            "trained_model": args.model_uri,
+            "preprocessing_state": args.state_uri,
+            "shards": args.shards_manifest_uri,
+            "test_metrics": {k: v for k, v in evaluation["metrics"].items() if isinstance(v, float)},
+            "max_skew": max_skew,
+            "signature": signature_description(state),
+        }
+        (model_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        version_uri = join(args.serving_uri, str(version))
+        store.publish_dir(model_dir, version_uri, last=[SAVED_MODEL_MARKER])
+    log.info("Published %s version %d at %s (max skew %.2g)", spec.model_name, version, version_uri, max_skew)
+    return ExportResult(version, version_uri, join(version_uri, KERAS_FILE), max_skew, True)
+
+
+def signature_description(state: dict) -> dict:
+    dtypes = {"numeric": "float32", "categorical": "string", "integer_categorical": "int64"}
+    inputs = {name: dtypes[f["kind"]] for name, f in state["features"].items()}
+    if state["label"]["task"] == "classification":
+        outputs = {"probabilities": "float32 [batch, classes]", "class_ids": "int64", "classes": "string"}
+    else:
+        outputs = {"predictions": "float32"}
+    return {"inputs": inputs, "outputs": outputs, "classes": state["label"].get("classes")}
+
+
+def write_saved_model(inference_model, state: dict, path: Path) -> None:
+    """A SavedModel whose ``serving_default`` takes raw features by name."""
+    import keras
+    import tensorflow as tf
+
+    dtypes = {"numeric": tf.float32, "categorical": tf.string, "integer_categorical": tf.int64}
+    signature = {name: tf.TensorSpec([None], dtypes[f["kind"]], name=name) for name, f in state["features"].items()}
+    label = state["label"]
+    classes = tf.constant(label.get("classes") or [""])
+
+    def serve(features):
+        outputs = inference_model(features, training=False)
+        if label["task"] == "classification":
+            class_ids = tf.argmax(outputs, axis=-1)
+            return {"probabilities": outputs, "class_ids": class_ids, "classes": tf.gather(classes, class_ids)}
+        return {"predictions": tf.reshape(outputs, [-1])}
+
+    archive = keras.export.ExportArchive()
+    archive.track(inference_model)
+    archive.add_endpoint(name="serving_default", fn=serve, input_signature=[signature])
+    archive.write_out(str(path), verbose=False)
+
+
+def edge_rows(state: dict, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Rows with every number missing, every category missing, and every category unseen."""
+    rows = {}
+    for name, feature in state["features"].items():
+        first = template[name][:1]
+        if feature["kind"] == "numeric":
+            rows[name] = np.concatenate([np.array([np.nan], np.float32), first, first])
+        elif feature["kind"] == "categorical":
+            rows[name] = np.array([first[0], b"", UNSEEN_CATEGORY.encode()], dtype=object)
+        else:
+            rows[name] = np.concatenate([first, np.array([-1, UNSEEN_ID], np.int64)])
+    return rows
+
+
+def check_serving_skew(
+    spec: PipelineSpec, training_model, state: dict, shards_manifest_uri: str, saved_model: Path, tmp: Path
+) -> float:
+    """Max |serving - training pipeline| over test and edge rows, checked in a fresh process."""
+    import tensorflow as tf
+
+    from tfjobs.input_pipeline import local_shards, manifest_columns, raw_batches
+    from tfjobs.preprocessing import FeaturePreprocessor, label_output_layer
+
+    manifest = read_json(shards_manifest_uri)
+    with local_shards(shards_manifest_uri, "test") as files:
+        batches = list(raw_batches(files, manifest_columns(manifest), 100_000).as_numpy_iterator())
+    rows = {name: np.concatenate([b[name] for b in batches]) for name in state["features"]}
+    edges = edge_rows(state, rows)
+    rows = {name: np.concatenate([rows[name], edges[name]]) for name in rows}
+
+    # The training pipeline's view: the input pipeline's preprocessing, then the training model.
+    preprocessor = FeaturePreprocessor(state)
+    encoded = preprocessor({name: tf.constant(values) for name, values in rows.items()})
+    expected = training_model(encoded, training=False)
+    unscale = label_output_layer(state)
+    if unscale is not None:
+        expected = unscale(expected)
+    expected = np.asarray(expected)
+    if spec.label.task == "regression":
+        expected = expected.reshape(-1)
+    if not np.isfinite(expected).all():
+        raise ServingSkewError("The training pipeline predicts non-finite values for some test or edge rows")
+
+    np.savez(tmp / "rows.npz", **rows)
+    np.save(tmp / "expected.npy", expected)
+    output = "probabilities" if spec.label.task == "classification" else "predictions"
+    completed = subprocess.run(
+        [sys.executable, "-m", "tfjobs.export", "check", "--saved-model", str(saved_model),
+         "--rows", str(tmp / "rows.npz"), "--expected", str(tmp / "expected.npy"), "--output-name", output],
+        capture_output=True, text=True, check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    if completed.returncode != 0:
+        raise ServingSkewError(f"Serving skew check failed:\n{completed.stdout}\n{completed.stderr[-3000:]}")
+    report = json.loads(completed.stdout)
+    log.info("Serving skew check on %d rows in a fresh process: max |diff| %.3g", report["rows"], report["max_abs_diff"])
+    return report["max_abs_diff"]
+
+
+def _check_main(args) -> int:
+    """Run in a fresh process: load the SavedModel, predict, compare."""
+    import tensorflow as tf
+
+    rows = dict(np.load(args.rows, allow_pickle=True))
+    expected = np.load(args.expected)
+    serve = tf.saved_model.load(args.saved_model).signatures["serving_default"]
+    actual = serve(**{name: tf.constant(values) for name, values in rows.items()})[args.output_name].numpy()
+    scale = max(1.0, float(np.abs(expected).max()))
+    diff = float(np.abs(actual - expected).max())
+    report = {"rows": int(len(expected)), "max_abs_diff": diff, "tolerance": 1e-5 * scale}
+    print(json.dumps(report))
+    if actual.shape != expected.shape or not np.isfinite(actual).all() or diff > report["tolerance"]:
+        print(f"Serving output differs: shape {actual.shape} vs {expected.shape}, max |diff| {diff}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        parser = argparse.ArgumentParser(prog="python -m tfjobs.export check", description=_check_main.__doc__)
+        parser.add_argument("--saved-model", required=True)
+        parser.add_argument("--rows", required=True, help=".npz of raw feature columns")
+        parser.add_argument("--expected", required=True, help=".npy of the training pipeline's predictions")
+        parser.add_argument("--output-name", required=True, help="the signature output to compare")
+        sys.exit(_check_main(parser.parse_args(argv[1:])))
+    parser = argparse.ArgumentParser(prog="python -m tfjobs.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help="pipeline spec YAML")
+    parser.add_argument("--model", required=True, help="URI of the trained training_model.keras")
+    parser.add_argument("--state", required=True, help="URI of the adapted preprocessing state.json")
+    parser.add_argument("--shards", required=True, help="URI of the shard set's manifest.json")
+    parser.add_argument("--metrics", required=True, help="URI of the evaluate step's metrics.json")
+    parser.add_argument("--serving", required=True, help="serving prefix URI: <store>/serving/<model_name>")
+    parser.add_argument("--version", required=True, type=int, help="proposed version number")
+    args = cli.parse(parser, argv)
+    result = export_model(
+        ExportArgs(load_spec(args.spec), args.model, args.state, args.shards, args.metrics, args.serving, args.version)
+    )
+    cli.print_result(result)
+
+
+if __name__ == "__main__":
+    main()

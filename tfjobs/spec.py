@@ -1,0 +1,317 @@
+"""Pipeline specs: one declarative YAML file per dataset.
+
+A spec says where a dataset comes from, what its columns are and how to treat
+them, which column is the label, how to split and shard it, and which model and
+training defaults to use. Every job reads the same spec, so adding a tabular
+dataset takes a spec file in ``include/`` and a short DAG file, no code.
+
+This module imports no TensorFlow: the Airflow DAG processor loads specs while
+parsing DAG files.
+
+Example (``include/penguins.yaml``)::
+
+    name: penguins
+    source: {kind: palmerpenguins}
+    label: {name: species, task: classification, classes: [Adelie, Chinstrap, Gentoo]}
+    features:
+      bill_length_mm: {kind: numeric}
+      island: {kind: categorical}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FEATURE_KINDS = {
+    "numeric": "a float; normalized with the training mean and variance",
+    "categorical": "a string category; looked up in the training vocabulary",
+    "integer_categorical": "an integer id; looked up in the training vocabulary",
+}
+# Room for more: "text" (TextVectorization) and "image" kinds plug in here.
+
+MISSING_POLICIES = {
+    "impute": "numeric: the training mean; categorical: a token of its own",
+    "quarantine": "the row goes to the quarantine file with the reason",
+}
+CATEGORICAL_ENCODINGS = ("one_hot", "embedding")
+TASKS = ("classification", "regression")
+LABEL_SCALINGS = ("none", "standardize")
+SOURCE_KINDS = ("palmerpenguins", "sklearn", "tfds", "csv", "landing")
+SPLITS = ("train", "eval", "test")
+
+# An integer-categorical value that is missing is stored as this id.
+MISSING_INTEGER = -1
+# A categorical value that is missing is stored as the empty string.
+MISSING_STRING = ""
+
+
+class SpecError(ValueError):
+    """A spec file is malformed; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    kind: str
+    missing: str = "impute"
+    encoding: str = "one_hot"  # categorical kinds: one_hot | embedding
+    embedding_dim: int = 8
+    description: str = ""
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the raw value in shards and in the serving signature."""
+        return {"numeric": "float32", "categorical": "string", "integer_categorical": "int64"}[self.kind]
+
+    @property
+    def is_categorical(self) -> bool:
+        return self.kind in ("categorical", "integer_categorical")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    name: str
+    task: str
+    classes: tuple[str, ...] = ()
+    scaling: str = "none"  # regression: none | standardize
+
+    @property
+    def dtype(self) -> str:
+        return "string" if self.task == "classification" else "float32"
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    kind: str
+    uri: str = ""  # csv: a path, file://, http(s):// or s3:// URI; landing: a prefix
+    name: str = ""  # sklearn/tfds: the dataset's name
+    split: str = "train"  # tfds: which split to take
+    pattern: str = "{partition}.csv"  # landing: the file name of one day's delivery
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    train: float = 0.8
+    eval: float = 0.1
+    test: float = 0.1
+    # Columns whose values decide a row's split; empty means the whole row, so that
+    # duplicate rows always land in the same split.
+    key: tuple[str, ...] = ()
+
+    def fractions(self) -> dict[str, float]:
+        return {"train": self.train, "eval": self.eval, "test": self.test}
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    early_stopping_patience: int = 5
+    shuffle_buffer: int = 10_000
+    seed: int = 42
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> TrainingSpec:
+        """A copy with ``overrides`` applied, each coerced to the field's type.
+
+        Overrides come from Airflow Params, which arrive as JSON values or, when
+        templated, as strings; unknown keys are an error so that a typo in a Param
+        name never goes unnoticed.
+        """
+        if not overrides:
+            return self
+        types = {f.name: f.type for f in dataclasses.fields(self)}
+        changes = {}
+        for key, value in overrides.items():
+            if key not in types:
+                raise SpecError(f"Unknown training setting {key!r}; known settings: {sorted(types)}")
+            caster = {"int": int, "float": float}[types[key]]
+            try:
+                changes[key] = caster(value)
+            except (TypeError, ValueError):
+                raise SpecError(f"Training setting {key!r} must be {types[key]}, got {value!r}") from None
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: str = "mlp"
+    hidden_units: tuple[int, ...] = (64, 32)
+    dropout: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    # A model is "blessed" (and exported) only if every bound holds on the test split.
+    min: dict[str, float] = field(default_factory=dict)  # e.g. {accuracy: 0.9}
+    max: dict[str, float] = field(default_factory=dict)  # e.g. {rmse: 70000}
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    name: str
+    source: SourceSpec
+    label: LabelSpec
+    features: tuple[FeatureSpec, ...]
+    description: str = ""
+    split: SplitSpec = SplitSpec()
+    shards: dict[str, int] = field(default_factory=lambda: {"train": 1, "eval": 1, "test": 1})
+    na_values: tuple[str, ...] = ("", "NA", "N/A", "NaN", "nan", "null", "None")
+    max_quarantine_fraction: float = 0.1
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    serving_name: str = ""
+
+    @property
+    def model_name(self) -> str:
+        return self.serving_name or self.name
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Every column the pipeline reads: the features, then the label."""
+        return tuple(f.name for f in self.features) + (self.label.name,)
+
+    def feature(self, name: str) -> FeatureSpec:
+        for feature in self.features:
+            if feature.name == name:
+                return feature
+        raise KeyError(f"Spec {self.name!r} has no feature {name!r}")
+
+    def features_of_kind(self, kind: str) -> list[FeatureSpec]:
+        return [f for f in self.features if f.kind == kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A stable hash of everything the spec says, for up-to-date checks."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, default=list)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    """Read and check a spec file; errors name the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"Spec file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"Spec file {path} is not valid YAML: {err}") from None
+    try:
+        return parse_spec(raw)
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+def parse_spec(raw: Any) -> PipelineSpec:
+    if not isinstance(raw, dict):
+        raise SpecError("a spec must be a mapping at the top level")
+    raw = dict(raw)
+    name = _required(raw, "name", str)
+    features_raw = _required(raw, "features", dict)
+    features = tuple(_parse_feature(fname, fraw) for fname, fraw in features_raw.items())
+    if not features:
+        raise SpecError("'features' must list at least one feature")
+    label = _parse_label(_required(raw, "label", dict))
+    if label.name in features_raw:
+        raise SpecError(f"label {label.name!r} is also listed as a feature")
+    source = _build(SourceSpec, _required(raw, "source", dict), "source")
+    if source.kind not in SOURCE_KINDS:
+        raise SpecError(f"source.kind {source.kind!r} is not one of {SOURCE_KINDS}")
+    if source.kind in ("csv", "landing") and not source.uri:
+        raise SpecError(f"source.kind {source.kind!r} needs source.uri")
+    split_raw = dict(raw.get("split") or {})
+    if "key" in split_raw:
+        split_raw["key"] = tuple(split_raw["key"])
+    split = _build(SplitSpec, split_raw, "split")
+    if abs(sum(split.fractions().values()) - 1.0) > 1e-6 or min(split.fractions().values()) <= 0:
+        raise SpecError(f"split fractions must be positive and sum to 1, got {split.fractions()}")
+    unknown_keys = set(split.key) - {f.name for f in features} - {label.name}
+    if unknown_keys:
+        raise SpecError(f"split.key names unknown columns {sorted(unknown_keys)}")
+    shards = {**{s: 1 for s in SPLITS}, **(raw.get("shards") or {})}
+    if set(shards) != set(SPLITS) or any(not isinstance(n, int) or n < 1 for n in shards.values()):
+        raise SpecError(f"shards must give a positive integer for each of {SPLITS}, got {shards}")
+    model_raw = dict(raw.get("model") or {})
+    if "hidden_units" in model_raw:
+        model_raw["hidden_units"] = tuple(model_raw["hidden_units"])
+    known_model_fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"options"}
+    model_raw["options"] = {k: model_raw.pop(k) for k in list(model_raw) if k not in known_model_fields}
+    na_values = tuple(str(v) for v in raw.get("na_values", PipelineSpec.na_values))
+    spec = PipelineSpec(
+        name=name,
+        description=str(raw.get("description", "")),
+        source=source,
+        label=label,
+        features=features,
+        split=split,
+        shards=shards,
+        na_values=na_values,
+        max_quarantine_fraction=float(raw.get("max_quarantine_fraction", PipelineSpec.max_quarantine_fraction)),
+        model=_build(ModelSpec, model_raw, "model"),
+        training=_build(TrainingSpec, raw.get("training") or {}, "training"),
+        evaluation=_build(EvaluationSpec, raw.get("evaluation") or {}, "evaluation"),
+        serving_name=str(raw.get("serving_name", "")),
+    )
+    known = {f.name for f in dataclasses.fields(PipelineSpec)}
+    unknown = set(raw) - known
+    if unknown:
+        raise SpecError(f"unknown top-level fields {sorted(unknown)}; known fields: {sorted(known)}")
+    return spec
+
+
+def _parse_feature(name: str, raw: Any) -> FeatureSpec:
+    if not isinstance(raw, dict) or "kind" not in raw:
+        raise SpecError(f"feature {name!r} needs a mapping with a 'kind' ({sorted(FEATURE_KINDS)})")
+    feature = _build(FeatureSpec, {"name": name, **raw}, f"features.{name}")
+    if feature.kind not in FEATURE_KINDS:
+        raise SpecError(f"features.{name}.kind {feature.kind!r} is not one of {sorted(FEATURE_KINDS)}")
+    if feature.missing not in MISSING_POLICIES:
+        raise SpecError(f"features.{name}.missing {feature.missing!r} is not one of {sorted(MISSING_POLICIES)}")
+    if feature.encoding not in CATEGORICAL_ENCODINGS:
+        raise SpecError(f"features.{name}.encoding {feature.encoding!r} is not one of {CATEGORICAL_ENCODINGS}")
+    return feature
+
+
+def _parse_label(raw: dict) -> LabelSpec:
+    raw = dict(raw)
+    raw["classes"] = tuple(str(c) for c in raw.get("classes", ()))
+    label = _build(LabelSpec, raw, "label")
+    if label.task not in TASKS:
+        raise SpecError(f"label.task {label.task!r} is not one of {TASKS}")
+    if label.task == "classification" and len(label.classes) < 2:
+        raise SpecError("label.classes must list at least two classes for a classification task")
+    if label.scaling not in LABEL_SCALINGS:
+        raise SpecError(f"label.scaling {label.scaling!r} is not one of {LABEL_SCALINGS}")
+    return label
+
+
+def _required(raw: dict, key: str, kind: type) -> Any:
+    if key not in raw:
+        raise SpecError(f"missing required field {key!r}")
+    if not isinstance(raw[key], kind):
+        raise SpecError(f"field {key!r} must be a {kind.__name__}, got {type(raw[key]).__name__}")
+    return raw[key]
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where} must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise SpecError(f"{where} has unknown fields {sorted(unknown)}; known fields: {sorted(known)}")
+    try:
+        return cls(**raw)
+    except TypeError as err:
+        raise SpecError(f"{where}: {err}") from None
