@@ -21,9 +21,29 @@ PARTITION_TEMPLATE = "{{ (dag_run.logical_date or dag_run.run_after) | ds }}"
 CONFIG_SECTION = "shardline"
 
 
+DEFAULT_STORE_CONN_ID = "shardline_store"
+
+
 def configured_store_uri() -> str | None:
     """``[shardline] store_uri`` from Airflow's config (``AIRFLOW__SHARDLINE__STORE_URI``)."""
     return conf.get(CONFIG_SECTION, "store_uri", fallback=None) or None
+
+
+def use_store_connection(store_uri: str, conn_id: str | None) -> None:
+    """Route this process's S3 requests through the Amazon provider's hook for ``conn_id``.
+
+    The connection (conn_type ``aws``) holds the credentials and, for MinIO, ``endpoint_url``
+    in its extra; tfjobs only ever sees a boto3 client factory, never the credentials.
+    """
+    if not store_uri.startswith("s3://"):
+        return
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    from tfjobs import s3
+
+    conn_id = conn_id or conf.get(CONFIG_SECTION, "store_conn_id", fallback=DEFAULT_STORE_CONN_ID)
+    hook = S3Hook(aws_conn_id=conn_id, config=s3.botocore_config())
+    s3.configure(hook.get_conn, source=f"Airflow connection {conn_id!r}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -44,9 +64,11 @@ class ShardlineOperator(BaseOperator):
     :param store_uri: root of the object store: a path, ``file://`` or ``s3://bucket/prefix``
         (templated). Defaults to ``[shardline] store_uri`` in Airflow's config.
     :param partition: the data partition, by default the run's logical date (templated).
+    :param store_conn_id: the Airflow connection (conn_type ``aws``) for an ``s3://`` store.
+        Defaults to ``[shardline] store_conn_id``, else ``shardline_store``.
     """
 
-    template_fields: Sequence[str] = ("store_uri", "partition")
+    template_fields: Sequence[str] = ("store_uri", "partition", "store_conn_id")
     #: The layout property this operator writes, declared as an Airflow Asset (None: no asset).
     output_stage: str | None = None
     ui_color = "#fde9c8"
@@ -57,6 +79,7 @@ class ShardlineOperator(BaseOperator):
         spec: str | os.PathLike,
         store_uri: str | None = None,
         partition: str = PARTITION_TEMPLATE,
+        store_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         if self.output_stage and "outlets" not in kwargs:
@@ -65,6 +88,7 @@ class ShardlineOperator(BaseOperator):
         self.spec = str(spec)
         self.store_uri = store_uri
         self.partition = partition
+        self.store_conn_id = store_conn_id
 
     def _stage_assets(self, spec_path, store_uri: str | None) -> list[Asset]:
         """The asset this step updates, e.g. ``<store>/shards/penguins`` (none if no store is set)."""
@@ -89,6 +113,7 @@ class ShardlineOperator(BaseOperator):
                 f"[{CONFIG_SECTION}] store_uri (environment: AIRFLOW__SHARDLINE__STORE_URI), "
                 "e.g. s3://my-bucket/shardline or /data/shardline."
             )
+        use_store_connection(root, self.store_conn_id)
         dag_run = context["dag_run"]
         logical = dag_run.logical_date or dag_run.run_after
         return Layout(
@@ -107,10 +132,11 @@ class ShardlineOperator(BaseOperator):
 
     @contextlib.contextmanager
     def failing_fast(self):
-        """Bad input (a ValueError from tfjobs) fails the task without retries: retrying cannot fix it."""
+        """Bad input, a missing upstream output or denied storage access fails the task without
+        retries: retrying cannot fix them (transient storage errors are retried inside tfjobs)."""
         try:
             yield
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError, PermissionError) as err:
             raise AirflowFailException(f"{type(err).__name__}: {err}") from err
 
     def finish(self, context, result: Any, **asset_extra: Any) -> dict[str, Any]:

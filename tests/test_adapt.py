@@ -6,15 +6,14 @@ import pytest
 import tensorflow as tf
 
 from tfjobs.adapt import RunningMoments, adapt_preprocessing, vocabulary_from_counts
-from tfjobs.examples import spec_columns
-from tfjobs.input_pipeline import local_shards, raw_batches
+from tfjobs.input_pipeline import open_shards, raw_batches
 from tfjobs.store import read_json
 
 
 @pytest.fixture(scope="module")
 def train_rows(penguins_pipeline):
-    with local_shards(penguins_pipeline.shard.manifest_uri, "train") as files:
-        batches = list(raw_batches(files, spec_columns(penguins_pipeline.spec), 10_000).as_numpy_iterator())
+    with open_shards(penguins_pipeline.shard.manifest_uri, "train") as shards:
+        batches = list(raw_batches(shards, 10_000).as_numpy_iterator())
     return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 

@@ -54,5 +54,7 @@ def test_penguins_dag_shape_and_trigger_form():
         param = params.get_param(name)
         assert param.schema.get("type") and param.description, name
     assert params.get_param("epochs").schema["minimum"] == 1
-    with pytest.raises(Exception):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
         params.get_param("epochs").resolve(0)

@@ -31,7 +31,7 @@ import numpy as np
 
 from tfjobs import cli
 from tfjobs.spec import MISSING_INTEGER, MISSING_STRING, PipelineSpec, load_spec
-from tfjobs.store import join, read_json, read_json_if_exists, store_for, write_json
+from tfjobs.store import join, read_json_if_exists, store_for, write_json
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def vocabulary_from_counts(counts: collections.Counter, missing_token) -> tuple[
 
 
 def adapt_preprocessing(spec: PipelineSpec, shards_manifest_uri: str, output_uri: str) -> AdaptResult:
-    from tfjobs.input_pipeline import local_shards, manifest_columns, raw_batches
+    from tfjobs.input_pipeline import open_shards, raw_batches
 
     store = store_for(shards_manifest_uri)
     if not store.exists(shards_manifest_uri):
@@ -97,17 +97,14 @@ def adapt_preprocessing(spec: PipelineSpec, shards_manifest_uri: str, output_uri
     if previous and previous["shards_manifest_sha256"] == manifest_sha and previous["spec"] == spec.fingerprint():
         log.info("Preprocessing state at %s is up to date; nothing rewritten", state_uri)
         return _result(state_uri, previous, rewritten=False)
-    manifest = read_json(shards_manifest_uri)
-
     moments = {f.name: RunningMoments() for f in spec.features if f.kind == "numeric"}
     missing = collections.Counter()
     counts = {f.name: collections.Counter() for f in spec.features if f.is_categorical}
     label_values = collections.Counter()
     label_moments = RunningMoments()
     records = 0
-    with local_shards(shards_manifest_uri, "train") as files:
-        dataset = raw_batches(files, manifest_columns(manifest), BATCH_SIZE)
-        for batch in dataset.as_numpy_iterator():
+    with open_shards(shards_manifest_uri, "train") as shards:
+        for batch in raw_batches(shards, BATCH_SIZE).as_numpy_iterator():
             records += len(batch[spec.label.name])
             for name, running in moments.items():
                 values = batch[name]

@@ -12,8 +12,17 @@ from typing import Any
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument(
+        "--s3-endpoint-url",
+        default="",
+        help="S3 endpoint for s3:// URIs, e.g. MinIO's (credentials: the standard AWS_* variables or ~/.aws)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.s3_endpoint_url:
+        from tfjobs import s3
+
+        s3.configure(endpoint_url=args.s3_endpoint_url)
     return args
 
 

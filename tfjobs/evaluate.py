@@ -51,12 +51,11 @@ def load_inference_model(model_uri: str, state_uri: str):
 
 def predict_split(model, shards_manifest_uri: str, split: str, label: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels, predictions) of ``model`` on raw rows of a split, in shard order."""
-    from tfjobs.input_pipeline import local_shards, manifest_columns, raw_batches
+    from tfjobs.input_pipeline import open_shards, raw_batches
 
     labels, predictions = [], []
-    manifest = read_json(shards_manifest_uri)
-    with local_shards(shards_manifest_uri, split) as files:
-        for batch in raw_batches(files, manifest_columns(manifest), BATCH_SIZE):
+    with open_shards(shards_manifest_uri, split) as shards:
+        for batch in raw_batches(shards, BATCH_SIZE):
             batch = dict(batch)
             labels.append(batch.pop(label).numpy())
             predictions.append(np.asarray(model(batch, training=False)))

@@ -198,12 +198,11 @@ def check_serving_skew(
     """Max |serving - training pipeline| over test and edge rows, checked in a fresh process."""
     import tensorflow as tf
 
-    from tfjobs.input_pipeline import local_shards, manifest_columns, raw_batches
+    from tfjobs.input_pipeline import open_shards, raw_batches
     from tfjobs.preprocessing import FeaturePreprocessor, label_output_layer
 
-    manifest = read_json(shards_manifest_uri)
-    with local_shards(shards_manifest_uri, "test") as files:
-        batches = list(raw_batches(files, manifest_columns(manifest), 100_000).as_numpy_iterator())
+    with open_shards(shards_manifest_uri, "test") as shards:
+        batches = list(raw_batches(shards, 100_000).as_numpy_iterator())
     rows = {name: np.concatenate([b[name] for b in batches]) for name in state["features"]}
     edges = edge_rows(state, rows)
     rows = {name: np.concatenate([rows[name], edges[name]]) for name in rows}

@@ -1,83 +1,298 @@
-"""tf.data input pipelines over TFRecord shards.
+"""tf.data input pipelines over TFRecord shards, on local disk or on an object store.
 
-``raw_batches`` yields batches of raw feature values (the same dtypes as the
-serving signature); ``training_batches`` turns them into what the training model
-eats: preprocessed features and an encoded label.
+TensorFlow 2.21 reads local files only (it has no ``s3://`` filesystem), so a
+:class:`ShardSet` gives tf.data local files in one of three ways:
 
+- ``local``: the store is the local filesystem; the shards are read in place;
+- ``stage``: the split is small (below ``stage_limit_bytes``); every shard is
+  downloaded once, concurrently, checked against the manifest's SHA-256, and kept
+  for the duration of the block;
+- ``stream``: shards are downloaded ahead, concurrently, into a bounded local
+  cache while tf.data reads the ones already there; each file is deleted as soon
+  as tf.data has read it to the end, so the cache never exceeds its size limit
+  (plus one shard) whatever the dataset's size. A parallel ``interleave`` over
+  ``cycle`` files holds up to about three times ``cycle`` files open or queued, so
+  the cycle is sized to the cache (at least 4 shards fit; a smaller limit is raised
+  to that) and the download loop can never wait on files tf.data still needs.
+
+``raw_batches`` yields batches of raw feature values (the dtypes of the serving
+signature); ``training_batches`` turns them into what the training model eats.
 Shards are read concurrently (``interleave``), records are parsed a batch at a
 time (``parse_example`` on a batch is an order of magnitude faster than one record
-at a time), and everything is prefetched so the model never waits on input.
+at a time), and everything is prefetched so that the model does not wait.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
+import logging
+import tempfile
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tfjobs.examples import Column, parse_features
-from tfjobs.shard import COMPRESSION, shard_uris
-from tfjobs.store import local_dir_copy, read_json, store_for
+import numpy as np
 
-AUTOTUNE = -1  # tf.data.AUTOTUNE, without importing TensorFlow at module import
+from tfjobs.examples import Column, parse_features
+from tfjobs.shard import COMPRESSION
+from tfjobs.store import join, read_json, sha256_file, store_for
+
+log = logging.getLogger(__name__)
+
+STAGE_LIMIT_BYTES = 256 << 20
+CACHE_LIMIT_BYTES = 512 << 20
+DOWNLOAD_WORKERS = 8
+INTERLEAVE_CYCLE = 8
+FILES_PER_CYCLE = 4  # files a streamed cache must hold per interleave cycle slot
+STALL_TIMEOUT_S = 600
 
 
 def manifest_columns(manifest: dict) -> list[Column]:
     return [Column(c["name"], c["dtype"]) for c in manifest["columns"]]
 
 
+class ChecksumMismatchError(IOError):
+    """A downloaded shard does not match the SHA-256 in its manifest."""
+
+
+class ShardSet:
+    """One split's shards, as local files for tf.data; use it as a context manager."""
+
+    def __init__(
+        self,
+        manifest_uri: str,
+        split: str,
+        *,
+        mode: str = "auto",
+        stage_limit_bytes: int = STAGE_LIMIT_BYTES,
+        cache_limit_bytes: int = CACHE_LIMIT_BYTES,
+        workers: int = DOWNLOAD_WORKERS,
+    ):
+        self.manifest_uri = manifest_uri
+        self.split = split
+        self.manifest = read_json(manifest_uri)
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"{manifest_uri} has no split {split!r}; it has {sorted(self.manifest['splits'])}")
+        self.shards = self.manifest["splits"][split]["shards"]
+        self.records = self.manifest["splits"][split]["records"]
+        self.columns = manifest_columns(self.manifest)
+        base = manifest_uri.rsplit("/", 1)[0]
+        self.uris = [join(base, shard["file"]) for shard in self.shards]
+        self.store = store_for(manifest_uri)
+        total = sum(shard["bytes"] for shard in self.shards)
+        if mode == "auto":
+            if self.store.local_path(manifest_uri) is not None:
+                mode = "local"
+            else:
+                mode = "stage" if total <= stage_limit_bytes else "stream"
+        if mode not in ("local", "stage", "stream"):
+            raise ValueError(f"mode must be auto, local, stage or stream; got {mode!r}")
+        self.mode = mode
+        self.cycle = min(len(self.uris), INTERLEAVE_CYCLE) or 1
+        largest = max((shard["bytes"] for shard in self.shards), default=0)
+        if mode == "stream":
+            self.cycle = max(1, min(self.cycle, cache_limit_bytes // (FILES_PER_CYCLE * largest or 1)))
+            if cache_limit_bytes < FILES_PER_CYCLE * self.cycle * largest:
+                log.warning("Streaming cache limit %d B is below %d shards of %d B; using %d B",
+                            cache_limit_bytes, FILES_PER_CYCLE, largest, FILES_PER_CYCLE * largest)
+                cache_limit_bytes = FILES_PER_CYCLE * self.cycle * largest
+        self.cache_limit_bytes = cache_limit_bytes
+        self.workers = workers
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._paths: list[str] = []
+        self._stream: ShardStream | None = None
+
+    def __enter__(self) -> ShardSet:
+        if self.mode == "local":
+            self._paths = [str(self.store.local_path(uri)) for uri in self.uris]
+            return self
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"shardline-{self.split}-")
+        if self.mode == "stage":
+            self._paths = [str(Path(self._tmp.name) / f"{i:05d}.tfrecord.gz") for i in range(len(self.uris))]
+            with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+                list(pool.map(self._download, range(len(self.uris)), self._paths))
+            log.info("Staged %d %s shards from %s", len(self._paths), self.split, self.manifest_uri)
+        else:
+            self._stream = ShardStream(self, Path(self._tmp.name))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    @property
+    def files(self) -> list[str]:
+        """Local paths of every shard (``local`` and ``stage`` modes)."""
+        if self.mode == "stream":
+            raise ValueError("A streamed shard set has no stable local files; use record_dataset()")
+        return self._paths
+
+    def _download(self, index: int, path: str) -> None:
+        """Download one shard and check it against the manifest, retrying a corrupt copy once."""
+        expected = self.shards[index]["sha256"]
+        for attempt in (1, 2):
+            self.store.download(self.uris[index], path)
+            if sha256_file(path) == expected:
+                return
+            log.warning("Shard %s failed its checksum (attempt %d)", self.uris[index], attempt)
+        raise ChecksumMismatchError(f"{self.uris[index]} does not match the SHA-256 in {self.manifest_uri}")
+
+    def record_dataset(self, *, shuffle: bool = False, seed: int | None = None):
+        """Serialized records of every shard; with ``shuffle`` the file order changes every epoch."""
+        import tensorflow as tf
+
+        def read(path):
+            return tf.data.TFRecordDataset(path, compression_type=COMPRESSION)
+
+        if self._stream is not None:
+            files, reader = self._stream.dataset(shuffle=shuffle, seed=seed), self._stream.read_and_release
+        else:
+            files, reader = tf.data.Dataset.from_tensor_slices(self._paths), read
+            if shuffle:
+                files = files.shuffle(len(self._paths), seed=seed, reshuffle_each_iteration=True)
+        return files.interleave(
+            reader,
+            cycle_length=self.cycle,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=not shuffle,
+        )
+
+
+class ShardStream:
+    """Downloads shards ahead into a bounded cache; tf.data releases each file once read."""
+
+    def __init__(self, shard_set: ShardSet, cache_dir: Path):
+        self.shard_set = shard_set
+        self.cache_dir = cache_dir
+        self.limit = shard_set.cache_limit_bytes
+        self.pool = concurrent.futures.ThreadPoolExecutor(shard_set.workers, thread_name_prefix="shard-download")
+        self.space = threading.Condition()
+        self.cached_bytes = 0
+        self.peak_bytes = 0
+        self.sizes: dict[str, int] = {}
+        self.epochs = 0
+        self.closed = False
+
+    def close(self) -> None:
+        with self.space:
+            self.closed = True
+            self.space.notify_all()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _reserve(self, size: int) -> None:
+        deadline = time.monotonic() + STALL_TIMEOUT_S
+        with self.space:
+            while self.cached_bytes and self.cached_bytes + size > self.limit and not self.closed:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"Shard streaming stalled: {self.cached_bytes} B cached, none released for "
+                        f"{STALL_TIMEOUT_S} s (cache limit {self.limit} B)"
+                    )
+                self.space.wait(timeout=1.0)
+            self.cached_bytes += size
+            self.peak_bytes = max(self.peak_bytes, self.cached_bytes)
+
+    def release(self, path: bytes | str) -> None:
+        path = path.decode() if isinstance(path, bytes) else path
+        Path(path).unlink(missing_ok=True)
+        with self.space:
+            self.cached_bytes -= self.sizes.pop(path, 0)
+            self.space.notify_all()
+
+    def _fetch(self, index: int, path: str) -> str:
+        self.shard_set._download(index, path)
+        return path
+
+    def epoch_paths(self, order: Sequence[int]) -> Iterator[str]:
+        """Local paths in ``order``, each yielded once its download has finished."""
+        epoch = self.epochs
+        self.epochs += 1
+        pending: collections.deque = collections.deque()
+        position = 0
+        while position < len(order) or pending:
+            # Keep up to 2 x workers downloads in flight, within the cache budget.
+            while position < len(order) and len(pending) < 2 * self.shard_set.workers:
+                index = order[position]
+                size = self.shard_set.shards[index]["bytes"]
+                if pending and self.cached_bytes + size > self.limit:
+                    break
+                self._reserve(size)
+                path = str(self.cache_dir / f"e{epoch:04d}-{position:05d}.tfrecord.gz")
+                with self.space:
+                    self.sizes[path] = size
+                pending.append(self.pool.submit(self._fetch, index, path))
+                position += 1
+            yield pending.popleft().result()
+
+    def dataset(self, *, shuffle: bool, seed: int | None):
+        import tensorflow as tf
+
+        count = len(self.shard_set.uris)
+
+        def generate():
+            order = list(range(count))
+            if shuffle:
+                order = list(np.random.default_rng(None if seed is None else seed + self.epochs).permutation(count))
+            yield from self.epoch_paths(order)
+
+        return tf.data.Dataset.from_generator(generate, output_signature=tf.TensorSpec((), tf.string))
+
+    def read_and_release(self, path):
+        """The file's records, then a step that deletes the file (it yields nothing)."""
+        import tensorflow as tf
+
+        def release(p):
+            self.release(p.numpy())
+            return tf.constant(b"")
+
+        def release_step(p):
+            record = tf.py_function(release, [p], tf.string)
+            record.set_shape([])  # like TFRecordDataset's records, so batches keep known shapes
+            return record
+
+        done = tf.data.Dataset.from_tensors(path).map(release_step).filter(lambda record: tf.constant(False))
+        return tf.data.TFRecordDataset(path, compression_type=COMPRESSION).concatenate(done)
+
+
 @contextlib.contextmanager
-def local_shards(manifest_uri: str, split: str) -> Iterator[list[str]]:
-    """Local paths of one split's shards for the duration of the block."""
-    uris = shard_uris(manifest_uri, split)
-    store = store_for(manifest_uri)
-    if store.local_path(manifest_uri) is not None:
-        yield [str(store.local_path(u)) for u in uris]
-        return
-    base = manifest_uri.rsplit("/", 1)[0]
-    with local_dir_copy(f"{base}/{split}") as directory:
-        yield [str(Path(directory) / u.rsplit("/", 1)[1]) for u in uris]
+def open_shards(manifest_uri: str, split: str, **options) -> Iterator[ShardSet]:
+    """``with open_shards(manifest_uri, "train") as shards: raw_batches(shards, ...)``."""
+    with ShardSet(manifest_uri, split, **options) as shards:
+        yield shards
 
 
 def raw_batches(
-    files: Sequence[str],
-    columns: Sequence[Column],
+    shards: ShardSet,
     batch_size: int,
     *,
     shuffle_buffer: int = 0,
     seed: int | None = None,
     cache: bool = False,
-    records: int | None = None,
 ):
     """Batches of raw features, a dict of 1-D tensors per batch.
 
     With ``shuffle_buffer`` the file order and the records are shuffled anew each
     epoch; without it the order is the shards' order, deterministically. ``cache``
-    keeps the decompressed records in memory after the first epoch. ``records``
-    (from the manifest) tells Keras how many steps an epoch has.
+    keeps the decompressed records in memory after the first epoch. The record
+    count from the manifest tells Keras how many steps an epoch has.
     """
     import tensorflow as tf
 
-    files = list(files)
-    if not files:
-        raise ValueError("No shard files to read")
-    dataset = tf.data.Dataset.from_tensor_slices(files)
-    if shuffle_buffer:
-        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.interleave(
-        lambda path: tf.data.TFRecordDataset(path, compression_type=COMPRESSION),
-        cycle_length=min(len(files), 8),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=not shuffle_buffer,
-    )
+    if not shards.uris:
+        raise ValueError(f"No shard files in split {shards.split!r} of {shards.manifest_uri}")
+    dataset = shards.record_dataset(shuffle=bool(shuffle_buffer), seed=seed)
     if cache:
         dataset = dataset.cache()
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
-    if records is not None:
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-records // batch_size)))
-    features = parse_features(columns)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-shards.records // batch_size)))
+    features = parse_features(shards.columns)
     return dataset.map(lambda batch: tf.io.parse_example(batch, features), num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -91,7 +306,3 @@ def training_batches(raw, preprocessor, label: str):
         return preprocessor(batch), preprocessor.encode_label(target)
 
     return raw.map(split_label, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-
-def split_records(manifest_uri: str, split: str) -> int:
-    return read_json(manifest_uri)["splits"][split]["records"]

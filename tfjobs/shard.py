@@ -118,7 +118,7 @@ def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path) -> dict
     }
     counts = {split: [0] * len(names) for split, names in files.items()}
     writers = {}
-    for split, names in files.items():
+    for names in files.values():
         for name in names:
             (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
             writers[name] = tf.io.TFRecordWriter(str(out_dir / name), options=COMPRESSION)
@@ -154,13 +154,6 @@ def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path) -> dict
         }
         for split in SPLITS
     }
-
-
-def shard_uris(manifest_uri: str, split: str) -> list[str]:
-    """The URIs of one split's shards, from a finished shard set's manifest."""
-    manifest = read_json(manifest_uri)
-    base = manifest_uri.rsplit("/", 1)[0]
-    return [join(base, shard["file"]) for shard in manifest["splits"][split]["shards"]]
 
 
 def main(argv: list[str] | None = None) -> None:

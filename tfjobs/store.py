@@ -66,13 +66,23 @@ class ObjectStore(ABC):
         return None
 
     def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = ()) -> None:
-        """Put a local directory's files under ``uri``, the files named in ``last`` last.
+        """Make ``uri`` hold exactly a local directory's files, the files named in ``last`` put last.
 
         Files named in ``last`` (relative paths) are the markers readers wait for,
-        such as a manifest or TF Serving's ``saved_model.pb``.
+        such as a manifest or TF Serving's ``saved_model.pb``: old markers go first,
+        new ones come last, so readers never see a marker over a mix of old and new.
         """
+        local_dir = Path(local_dir)
         files = _files_with_markers(local_dir, last)
-        for rel in [f for f in files if f not in last] + list(last):
+        existing = set(self.list(uri))
+        for marker in last:
+            if join(uri, marker) in existing:
+                self.delete(join(uri, marker))
+        for rel in [f for f in files if f not in last]:
+            self.upload(local_dir / rel, join(uri, rel))
+        for stale in sorted(existing - {join(uri, f) for f in files}):
+            self.delete(stale)
+        for rel in last:
             self.upload(local_dir / rel, join(uri, rel))
 
 
@@ -187,6 +197,8 @@ def store_for(uri: str) -> ObjectStore:
     scheme = urllib.parse.urlsplit(uri).scheme
     if len(scheme) == 1:  # a Windows drive letter, not a scheme
         scheme = ""
+    if scheme == "s3" and scheme not in _BACKENDS:
+        import tfjobs.s3  # noqa: F401  (registers the backend; boto3 is only imported for S3 URIs)
     try:
         return _BACKENDS[scheme]()
     except KeyError:

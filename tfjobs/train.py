@@ -135,35 +135,30 @@ def compile_for_task(model, spec: PipelineSpec, settings: TrainingSpec) -> None:
 def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs, out_dir) -> dict:
     import keras
 
-    from tfjobs.input_pipeline import local_shards, manifest_columns, raw_batches, training_batches
+    from tfjobs.input_pipeline import open_shards, raw_batches, training_batches
     from tfjobs.models import build_training_model, encoded_features
     from tfjobs.preprocessing import FeaturePreprocessor
 
     keras.utils.set_random_seed(settings.seed)
     strategy = configure_devices()
-    manifest = read_json(args.shards_manifest_uri)
     state = read_json(args.state_uri)
     preprocessor = FeaturePreprocessor(state)
-    columns = manifest_columns(manifest)
 
-    def dataset(split: str, files: list[str], shuffle: bool):
-        size = sum(s["bytes"] for s in manifest["splits"][split]["shards"]) * 5
+    def dataset(shards, shuffle: bool):
         raw = raw_batches(
-            files,
-            columns,
+            shards,
             settings.batch_size,
             shuffle_buffer=settings.shuffle_buffer if shuffle else 0,
             seed=settings.seed,
-            cache=size < CACHE_LIMIT_BYTES,
-            records=manifest["splits"][split]["records"],
+            cache=sum(s["bytes"] for s in shards.shards) * 5 < CACHE_LIMIT_BYTES,
         )
         return training_batches(raw, preprocessor, spec.label.name)
 
-    with local_shards(args.shards_manifest_uri, "train") as train_files, local_shards(
+    with open_shards(args.shards_manifest_uri, "train") as train_shards, open_shards(
         args.shards_manifest_uri, "eval"
-    ) as eval_files:
-        train_data = dataset("train", train_files, shuffle=True)
-        eval_data = dataset("eval", eval_files, shuffle=False)
+    ) as eval_shards:
+        train_data = dataset(train_shards, shuffle=True)
+        eval_data = dataset(eval_shards, shuffle=False)
         with strategy.scope():
             model = build_training_model(spec, encoded_features(spec, preprocessor), kind)
             compile_for_task(model, spec, settings)
@@ -182,8 +177,8 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
         ]
         (out_dir / "checkpoints").mkdir()
         log.info(
-            "Training %s on %d records (%d for validation): %s",
-            kind, manifest["splits"]["train"]["records"], manifest["splits"]["eval"]["records"], settings,
+            "Training %s on %d records (%d for validation, shards read %s): %s",
+            kind, train_shards.records, eval_shards.records, train_shards.mode, settings,
         )
         # shuffle=False: the input pipeline already shuffles files and records each epoch.
         history = model.fit(

@@ -1,0 +1,240 @@
+"""The object store on S3 (AWS, MinIO or any S3 endpoint), with boto3.
+
+URIs are ``s3://bucket/prefix/...``. Credentials and the endpoint come from:
+
+- under Airflow, the operators' connection (conn_type ``aws``, ``endpoint_url`` in its
+  extra for MinIO): the operator hands a client factory to :func:`configure`;
+- otherwise the standard AWS environment and config files (``AWS_ACCESS_KEY_ID``,
+  ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, ...) or the jobs' ``--s3-endpoint-url`` option.
+
+Transfers go through boto3's transfer manager (multipart, concurrent); botocore
+retries throttling and server errors in ``standard`` mode with a generous attempt
+budget; reads ask S3 to verify its checksums (``ChecksumMode=ENABLED``). Errors are
+re-raised as :class:`ObjectStoreError` naming the bucket or the credentials'
+source, never the credentials themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import urllib.parse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tfjobs.store import ObjectStore, register_backend
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 10
+MULTIPART_THRESHOLD = 16 << 20
+MAX_CONCURRENCY = 8
+ENDPOINT_ENV = "SHARDLINE_S3_ENDPOINT_URL"
+
+
+class ObjectStoreError(RuntimeError):
+    """An object store request failed; the message names the bucket and where the credentials came from."""
+
+
+class ObjectStoreAccessError(ObjectStoreError, PermissionError):
+    """No credentials, wrong credentials, no permission or no such bucket: retrying will not help."""
+
+
+def botocore_config(max_pool_connections: int = 32):
+    """Retries for throttling (503 SlowDown), 5xx and dropped connections; checksums on."""
+    from botocore.config import Config
+
+    return Config(
+        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+        max_pool_connections=max_pool_connections,
+        connect_timeout=10,
+        read_timeout=60,
+        request_checksum_calculation="when_supported",
+        response_checksum_validation="when_supported",
+    )
+
+
+def _environment_client():
+    import boto3
+
+    return boto3.session.Session().client(
+        "s3", endpoint_url=os.environ.get(ENDPOINT_ENV) or None, config=botocore_config()
+    )
+
+
+_factory: Callable[[], Any] = _environment_client
+_source = "the AWS environment (AWS_* variables, ~/.aws)"
+_client = None
+_lock = threading.Lock()
+
+
+def configure(client_factory: Callable[[], Any] | None = None, source: str = "", endpoint_url: str = "") -> None:
+    """Use ``client_factory`` (e.g. an Airflow hook's ``get_conn``) for every S3 request in this process.
+
+    ``source`` says where the credentials come from (``"Airflow connection 'x'"``), for errors.
+    Without a factory, clients come from the AWS environment, at ``endpoint_url`` if given.
+    """
+    global _factory, _source, _client
+    with _lock:
+        if client_factory is None:
+            if endpoint_url:
+                os.environ[ENDPOINT_ENV] = endpoint_url
+            _factory, _source = _environment_client, source or "the AWS environment (AWS_* variables, ~/.aws)"
+        else:
+            _factory, _source = client_factory, source or "the configured client"
+        _client = None
+
+
+def client():
+    """The process's S3 client (boto3 clients are thread-safe)."""
+    global _client
+    with _lock:
+        if _client is None:
+            _client = _factory()
+        return _client
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"Not an S3 URI: {uri!r} (expected s3://bucket/key)")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, max_concurrency=MAX_CONCURRENCY, use_threads=True)
+
+
+def _botocore_cause(err: BaseException) -> BaseException:
+    """The botocore error under boto3's transfer wrappers (S3UploadFailedError and the like)."""
+    seen = err
+    while seen is not None:
+        if type(seen).__module__.startswith("botocore"):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return err
+
+
+def _explain(err: BaseException, action: str, uri: str) -> ObjectStoreError:
+    """A message a user can act on: which bucket, which credentials, what to fix."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    err = _botocore_cause(err)
+
+    bucket = split_uri(uri)[0]
+    if isinstance(err, NoCredentialsError):
+        return ObjectStoreAccessError(f"Cannot {action} {uri}: no AWS credentials found in {_source}")
+    if isinstance(err, EndpointConnectionError):
+        return ObjectStoreError(f"Cannot {action} {uri}: the S3 endpoint is unreachable ({err.kwargs.get('endpoint_url')})")
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        if code == "NoSuchBucket":
+            return ObjectStoreAccessError(
+                f"Cannot {action} {uri}: bucket {bucket!r} does not exist (credentials from {_source})"
+            )
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
+            return ObjectStoreAccessError(
+                f"Cannot {action} {uri}: access to bucket {bucket!r} denied ({code}); "
+                f"check the credentials in {_source}"
+            )
+        return ObjectStoreError(f"Cannot {action} {uri}: S3 answered {code or 'an error'} (bucket {bucket!r})")
+    return ObjectStoreError(f"Cannot {action} {uri}: {type(err).__name__}")
+
+
+def _missing(err: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    err = _botocore_cause(err)
+    return isinstance(err, ClientError) and err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+
+
+class S3Store(ObjectStore):
+    """Objects in S3 buckets; "directories" are key prefixes."""
+
+    def exists(self, uri: str) -> bool:
+        bucket, key = split_uri(uri)
+        try:
+            client().head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as err:
+            if _missing(err):
+                return False
+            raise _explain(err, "check", uri) from None
+
+    def read_bytes(self, uri: str) -> bytes:
+        bucket, key = split_uri(uri)
+        try:
+            return client().get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")["Body"].read()
+        except Exception as err:
+            if _missing(err):
+                raise FileNotFoundError(f"{uri} does not exist") from None
+            raise _explain(err, "read", uri) from None
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        bucket, key = split_uri(uri)
+        try:
+            client().put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as err:
+            raise _explain(err, "write", uri) from None
+
+    def list(self, prefix: str) -> list[str]:
+        bucket, key = split_uri(prefix)
+        key = key.rstrip("/")
+        uris = []
+        try:
+            paginator = client().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=f"{key}/" if key else ""):
+                uris.extend(f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", []))
+            if key and not uris and self.exists(prefix):
+                return [prefix]
+        except ObjectStoreError:
+            raise
+        except Exception as err:
+            raise _explain(err, "list", prefix) from None
+        return sorted(uris)
+
+    def delete(self, prefix: str) -> None:
+        bucket, _ = split_uri(prefix)
+        keys = [split_uri(u)[1] for u in self.list(prefix)]
+        try:
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": k} for k in keys[start : start + 1000]]
+                client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+        except Exception as err:
+            raise _explain(err, "delete", prefix) from None
+
+    def upload(self, local_path: str | Path, uri: str) -> None:
+        bucket, key = split_uri(uri)
+        try:
+            client().upload_file(str(local_path), bucket, key, Config=_transfer_config())
+        except Exception as err:
+            raise _explain(err, "upload to", uri) from None
+
+    def download(self, uri: str, local_path: str | Path) -> None:
+        bucket, key = split_uri(uri)
+        try:
+            client().download_file(
+                bucket, key, str(local_path), ExtraArgs={"ChecksumMode": "ENABLED"}, Config=_transfer_config()
+            )
+        except Exception as err:
+            if _missing(err):
+                raise FileNotFoundError(f"{uri} does not exist") from None
+            raise _explain(err, "download", uri) from None
+
+    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = ()) -> None:
+        """Upload every file, the markers last; on failure remove what was uploaded."""
+        try:
+            super().publish_dir(local_dir, uri, last)
+        except Exception:
+            try:
+                self.delete(uri)
+            except Exception:  # the original error matters more than the cleanup's
+                log.warning("Could not remove the partial upload at %s", uri)
+            raise
+
+
+register_backend("s3", S3Store)
