@@ -21,13 +21,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def records_per_second(manifest_uri: str, state: dict, label: str, mode: str | None = None) -> float:
-    from tfjobs.input_pipeline import open_shards, raw_batches, training_batches
+    from tfjobs.input_pipeline import open_shards, training_batches
     from tfjobs.preprocessing import FeaturePreprocessor
 
     preprocessor = FeaturePreprocessor(state)
     options = {"mode": mode} if mode else {}
     with open_shards(manifest_uri, "train", **options) as shards:
-        data = training_batches(raw_batches(shards, 1024, shuffle_buffer=10_000, seed=1), preprocessor, label)
+        data = training_batches(shards, preprocessor, label, 1024, shuffle_rows=10_000, seed=1)
         started = time.perf_counter()
         rows = sum(int(labels.shape[0]) for _, labels in data)
         return rows / (time.perf_counter() - started)

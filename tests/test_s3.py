@@ -137,7 +137,7 @@ def test_streaming_cache_stays_bounded_and_is_emptied(bucket, local_shards):
         assert shards.cycle == 2
         stream = shards._stream
         for epoch in range(2):  # a second epoch downloads again, in a new order when shuffled
-            count = sum(len(b["size"]) for b in raw_batches(shards, 256, shuffle_buffer=100, seed=epoch))
+            count = sum(1 for _ in shards.record_dataset(shuffle=True, seed=epoch))
             assert count == shards.records
             assert list(stream.cache_dir.iterdir()) == []
             assert stream.cached_bytes == 0

@@ -13,8 +13,12 @@ the protobuf wire format for a whole column at a time:
     Int64List = 0x0A len <varint>               (packed, one value)
     BytesList = 0x0A len <bytes>
 
+Rows are built in a padded byte matrix, one row per record and one block of
+columns per feature, with a mask of the bytes that count; ``matrix[mask]`` is
+then every record back to back, in order. Fixed-width pieces (floats, keys) need
+no mask; variable ones (strings, varints) are padded to their longest value.
 The output parses with ``tf.io.parse_example`` exactly like a message built with
-``tf.train.Example`` (the tests check both, value for value).
+``tf.train.Example`` (the tests check both, byte for byte).
 """
 
 from __future__ import annotations
@@ -48,26 +52,16 @@ def spec_columns(spec) -> list[Column]:
 
 def serialize_examples(columns: Sequence[Column], values: Mapping[str, np.ndarray]) -> list[bytes]:
     """One serialized ``tf.train.Example`` per row."""
-    data, lengths = encode_examples(columns, values)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    buffer = data.tobytes()
-    return [buffer[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+    rows = encode_padded(columns, values)
+    ends = np.cumsum(rows.lengths)
+    buffer = rows.compact().tobytes()
+    return [buffer[e - n : e] for e, n in zip(ends.tolist(), rows.lengths.tolist())]
 
 
 def encode_examples(columns: Sequence[Column], values: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """All rows' serialized Examples, back to back: (bytes as uint8, length of each row)."""
-    if not columns:
-        raise ValueError("encode_examples needs at least one column")
-    n = len(values[columns[0].name])
-    parts = []
-    for column in columns:
-        column_values = np.asarray(values[column.name])
-        if len(column_values) != n:
-            raise ValueError(f"Column {column.name!r} has {len(column_values)} values, expected {n}")
-        parts.append(_ENCODERS[column.dtype](column.name.encode(), column_values))
-    features = concat_rows(parts)
-    return concat_rows([_length_delimited(0x0A, features[1]), features])
+    rows = encode_padded(columns, values)
+    return rows.compact(), rows.lengths
 
 
 def parse_features(columns: Sequence[Column]) -> dict:
@@ -78,54 +72,105 @@ def parse_features(columns: Sequence[Column]) -> dict:
     return {c.name: tf.io.FixedLenFeature([], dtypes[c.dtype]) for c in columns}
 
 
-# Segments are (data, lengths): the bytes of every row's piece back to back, and
-# each piece's length. Fixed-width pieces are (matrix of shape [rows, width], None).
+@dataclass(frozen=True)
+class PaddedRows:
+    """Variable-length byte rows: row i is ``data[i][valid[i]]`` (all of ``data[i]`` when valid is None).
+
+    ``layout`` numbers the rows' layouts (rows with the same number have the same valid
+    columns; None: one layout) and ``value_columns`` lists the columns whose bytes can
+    differ between rows (everything else is the same in every row): what the TFRecord
+    writer's CRC needs to know.
+    """
+
+    data: np.ndarray  # uint8 [rows, width]
+    valid: np.ndarray | None  # bool [rows, width]
+    lengths: np.ndarray  # int64 [rows]: valid bytes per row
+    layout: np.ndarray | None = None
+    value_columns: np.ndarray | None = None
+
+    def compact(self) -> np.ndarray:
+        """Every row's bytes back to back, in row order."""
+        return self.data.ravel() if self.valid is None else self.data[self.valid]
+
+    def rows(self, start: int, stop: int) -> PaddedRows:
+        """Rows ``start:stop``, as views (no copy)."""
+        def cut(array):
+            return None if array is None else array[start:stop]
+
+        return PaddedRows(self.data[start:stop], cut(self.valid), self.lengths[start:stop], cut(self.layout),
+                          self.value_columns)
 
 
-def concat_rows(parts: Sequence[tuple[np.ndarray, np.ndarray | None]]) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenate each row's pieces across ``parts``: row i = parts[0][i] + parts[1][i] + ..."""
-    n = _rows(parts[0])
-    lengths = [np.full(n, p[0].shape[1], np.int64) if p[1] is None else p[1].astype(np.int64) for p in parts]
-    row_lengths = np.sum(lengths, axis=0)
-    out = np.empty(int(row_lengths.sum()), np.uint8)
-    offset = np.cumsum(row_lengths) - row_lengths  # where each row starts
-    for (data, _), piece_lengths in zip(parts, lengths):
-        if data.ndim == 2:  # fixed width: one index row per record
-            width = data.shape[1]
-            out[(offset[:, None] + np.arange(width)).ravel()] = data.ravel()
-        else:
-            piece_starts = np.cumsum(piece_lengths) - piece_lengths
-            out[np.repeat(offset - piece_starts, piece_lengths) + np.arange(len(data))] = data
-        offset = offset + piece_lengths
-    return out, row_lengths
+@dataclass(frozen=True)
+class _Block:
+    """One piece of every record, at the same columns in every row."""
+
+    width: int
+    constant: bytes = b""  # the bytes, when they are the same in every row
+    data: np.ndarray | None = None  # uint8 [rows, width], when they are not
+    lengths: np.ndarray | None = None  # bytes used per row, when rows are padded
 
 
-def _rows(part) -> int:
-    return part[0].shape[0] if part[1] is None else len(part[1])
+def encode_padded(
+    columns: Sequence[Column], values: Mapping[str, np.ndarray], reserve: tuple[int, int] = (0, 0)
+) -> PaddedRows:
+    """Every row's serialized Example as padded rows, assembled in one matrix.
+
+    ``reserve`` adds that many always-valid zero bytes before and after each record,
+    which a caller can fill in place (TFRecord framing: 12 bytes before, 4 after).
+    """
+    if not columns:
+        raise ValueError("encode_examples needs at least one column")
+    n = len(values[columns[0].name])
+    blocks: list[_Block] = []
+    for column in columns:
+        column_values = np.asarray(values[column.name])
+        if len(column_values) != n:
+            raise ValueError(f"Column {column.name!r} has {len(column_values)} values, expected {n}")
+        blocks.extend(_ENCODERS[column.dtype](column.name.encode(), column_values))
+    feature_lengths = sum(b.width if b.lengths is None else b.lengths for b in blocks) * np.ones(n, np.int64)
+    header = _varint_block(feature_lengths)
+    blocks = [_Block(reserve[0], bytes(reserve[0])), _Block(1, b"\x0a"), header, *blocks,
+              _Block(reserve[1], bytes(reserve[1]))]
+
+    width = sum(b.width for b in blocks)
+    template = np.zeros(width, np.uint8)
+    starts = np.cumsum([0] + [b.width for b in blocks])[:-1]
+    for start, block in zip(starts, blocks):
+        if block.data is None:
+            template[start : start + block.width] = np.frombuffer(block.constant, np.uint8)
+    data = np.empty((n, width), np.uint8)
+    data[:] = template
+    padded = [(start, block) for start, block in zip(starts, blocks) if block.lengths is not None]
+    valid = np.ones((n, width), bool) if padded else None
+    lengths = np.full(n, width, np.int64)
+    layout = np.zeros(n, np.int64) if padded else None
+    value_columns = []
+    for start, block in zip(starts, blocks):
+        if block.data is not None:
+            data[:, start : start + block.width] = block.data
+            value_columns.append(np.arange(start, start + block.width))
+    for start, block in padded:
+        valid[:, start : start + block.width] = np.arange(block.width) < block.lengths[:, None]
+        lengths -= block.width - block.lengths
+        layout = layout * (block.width + 1) + block.lengths
+    return PaddedRows(data, valid, lengths, layout, np.concatenate(value_columns) if value_columns else np.array([], int))
 
 
-def _varint(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Protobuf base-128 varints of uint64 values: (bytes back to back, length of each)."""
+def _varint_block(values: np.ndarray) -> _Block:
+    """Protobuf base-128 varints of uint64 values, one per row, padded to the longest."""
     values = values.astype(np.uint64)
-    groups = np.empty((len(values), 10), np.uint8)
-    remaining = values.copy()
-    for i in range(10):
-        groups[:, i] = (remaining & np.uint64(0x7F)).astype(np.uint8)
-        remaining >>= np.uint64(7)
     lengths = np.ones(len(values), np.int64)
     for i in range(1, 10):
         lengths += (values >> np.uint64(7 * i)) > 0
-    keep = np.arange(10) < lengths[:, None]
-    continuation = np.arange(10) < (lengths[:, None] - 1)
-    groups |= (continuation * 0x80).astype(np.uint8)
-    return groups[keep], lengths
-
-
-def _length_delimited(tag: int, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``tag varint(length)`` for each row: the header of a length-delimited field."""
-    data, varint_lengths = _varint(lengths)
-    tags = np.full(len(lengths), tag, np.uint8)
-    return concat_rows([(tags[:, None], None), (data, varint_lengths)])
+    width = int(lengths.max(initial=1))
+    groups = np.empty((len(values), width), np.uint8)
+    remaining = values.copy()
+    for i in range(width):
+        groups[:, i] = (remaining & np.uint64(0x7F)).astype(np.uint8)
+        remaining >>= np.uint64(7)
+    groups |= ((np.arange(width) < (lengths[:, None] - 1)) * 0x80).astype(np.uint8)
+    return _Block(width, data=groups, lengths=None if (lengths == width).all() else lengths)
 
 
 def _entry_prefix(key: bytes, feature_tag: int, payload_length: int) -> bytes:
@@ -154,31 +199,33 @@ def _varint_bytes(value: int) -> bytes:
             return bytes(out)
 
 
-def _encode_float32(key: bytes, values: np.ndarray):
-    prefix = np.frombuffer(_entry_prefix(key, 0x12, 4), np.uint8)
+def _encode_float32(key: bytes, values: np.ndarray) -> list[_Block]:
+    prefix = _entry_prefix(key, 0x12, 4)
     floats = np.ascontiguousarray(values, dtype="<f4").view(np.uint8).reshape(-1, 4)
-    matrix = np.empty((len(values), len(prefix) + 4), np.uint8)
-    matrix[:, : len(prefix)] = prefix
-    matrix[:, len(prefix) :] = floats
-    return matrix, None
+    return [_Block(len(prefix), prefix), _Block(4, data=floats)]
 
 
-def _encode_int64(key: bytes, values: np.ndarray):
-    data, lengths = _varint(np.asarray(values, np.int64).view(np.uint64))
+def _encode_int64(key: bytes, values: np.ndarray) -> list[_Block]:
+    varints = _varint_block(np.asarray(values, np.int64).view(np.uint64))
+    lengths = varints.width if varints.lengths is None else varints.lengths
     # The prefix depends on the varint's length (1..10 bytes); all prefixes have the same width.
-    table = np.stack(
-        [np.frombuffer(_entry_prefix(key, 0x1A, n), np.uint8) for n in range(1, 11)]
-    )
-    return concat_rows([(table[lengths - 1], None), (data, lengths)])
+    table = np.stack([np.frombuffer(_entry_prefix(key, 0x1A, n), np.uint8) for n in range(1, 11)])
+    prefixes = table[np.broadcast_to(lengths, (len(values),)) - 1]
+    return [_Block(table.shape[1], data=prefixes), varints]
 
 
-def _encode_string(key: bytes, values: np.ndarray):
-    uniques, inverse = np.unique(values.astype(object).astype(str), return_inverse=True)
-    encoded = [u.encode() for u in uniques]
-    segments = np.array([_entry_prefix(key, 0x0A, len(e)) + e for e in encoded] or [b""], dtype=object)
-    lengths = np.array([len(s) for s in segments], np.int64)[inverse]
-    data = np.frombuffer(b"".join(segments[inverse].tolist()), np.uint8)
-    return data, lengths
+def _encode_string(key: bytes, values: np.ndarray) -> list[_Block]:
+    """Each distinct value is encoded once; rows pick theirs by index."""
+    import pandas as pd
+
+    inverse, uniques = pd.factorize(values.astype(object), use_na_sentinel=False)
+    segments = [_entry_prefix(key, 0x0A, len(e)) + e for e in (str(u).encode() for u in uniques)]
+    lengths = np.array([len(s) for s in segments], np.int64)
+    table = np.zeros((len(segments), int(lengths.max(initial=0))), np.uint8)
+    for i, segment in enumerate(segments):
+        table[i, : len(segment)] = np.frombuffer(segment, np.uint8)
+    padded = (lengths != table.shape[1]).any()
+    return [_Block(table.shape[1], data=table[inverse], lengths=lengths[inverse] if padded else None)]
 
 
 _ENCODERS = {"float32": _encode_float32, "int64": _encode_int64, "string": _encode_string}

@@ -266,43 +266,88 @@ def open_shards(manifest_uri: str, split: str, **options) -> Iterator[ShardSet]:
         yield shards
 
 
-def raw_batches(
-    shards: ShardSet,
-    batch_size: int,
-    *,
-    shuffle_buffer: int = 0,
-    seed: int | None = None,
-    cache: bool = False,
-):
-    """Batches of raw features, a dict of 1-D tensors per batch.
+def raw_batches(shards: ShardSet, batch_size: int):
+    """Batches of raw features (a dict of 1-D tensors), in the shards' order.
 
-    With ``shuffle_buffer`` the file order and the records are shuffled anew each
-    epoch; without it the order is the shards' order, deterministically. ``cache``
-    keeps the decompressed records in memory after the first epoch. The record
-    count from the manifest tells Keras how many steps an epoch has.
+    Parsing a whole batch with one ``parse_example`` is an order of magnitude faster
+    than record by record. The record count from the manifest tells Keras how many
+    steps an epoch has.
     """
     import tensorflow as tf
 
     if not shards.uris:
         raise ValueError(f"No shard files in split {shards.split!r} of {shards.manifest_uri}")
-    dataset = shards.record_dataset(shuffle=bool(shuffle_buffer), seed=seed)
-    if cache:
-        dataset = dataset.cache()
-    if shuffle_buffer:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.batch(batch_size)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-shards.records // batch_size)))
     features = parse_features(shards.columns)
-    return dataset.map(lambda batch: tf.io.parse_example(batch, features), num_parallel_calls=tf.data.AUTOTUNE)
+    return (
+        shards.record_dataset()
+        .batch(batch_size)
+        .apply(tf.data.experimental.assert_cardinality(-(-shards.records // batch_size)))
+        .map(lambda batch: tf.io.parse_example(batch, features), num_parallel_calls=tf.data.AUTOTUNE)
+    )
 
 
-def training_batches(raw, preprocessor, label: str):
-    """(preprocessed features, encoded label) batches from ``raw_batches``, prefetched."""
+def training_batches(
+    shards: ShardSet,
+    preprocessor,
+    label: str,
+    batch_size: int,
+    *,
+    shuffle_rows: int = 0,
+    seed: int | None = None,
+    cache: bool = False,
+):
+    """(preprocessed features, encoded label) batches for ``fit()``, prefetched.
+
+    Records are read, parsed and preprocessed in windows of ``shuffle_rows`` rows
+    (rounded up to whole batches): one ``parse_example`` and one preprocessing call
+    per window instead of per batch. With ``shuffle_rows``, the file order changes
+    every epoch, the interleave mixes records from up to 8 files, and each window's
+    rows are permuted anew every epoch before it is cut into batches; this mixes as
+    well as a ``shuffle()`` buffer of the same size without paying for it record by
+    record. With ``cache`` the preprocessed windows stay in memory after the first
+    epoch, and later epochs only permute and cut.
+    """
     import tensorflow as tf
 
-    def split_label(batch):
-        batch = dict(batch)
+    if not shards.uris:
+        raise ValueError(f"No shard files in split {shards.split!r} of {shards.manifest_uri}")
+    window = batch_size * max(1, -(-shuffle_rows // batch_size))
+    features = parse_features(shards.columns)
+
+    def parse_and_preprocess(records):
+        batch = tf.io.parse_example(records, features)
         target = batch.pop(label)
         return preprocessor(batch), preprocessor.encode_label(target)
 
-    return raw.map(split_label, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    dataset = (
+        shards.record_dataset(shuffle=bool(shuffle_rows), seed=seed)
+        .batch(window)
+        .map(parse_and_preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    )
+    if cache:
+        dataset = dataset.cache()
+    if shuffle_rows:
+        windows = -(-shards.records // window)
+        dataset = dataset.shuffle(min(windows, 16), seed=seed, reshuffle_each_iteration=True)
+        dataset = dataset.map(_permute_rows(seed))  # sequential: the generator's draws stay in order
+    if window != batch_size:
+        dataset = dataset.rebatch(batch_size)
+    return dataset.apply(tf.data.experimental.assert_cardinality(-(-shards.records // batch_size))).prefetch(
+        tf.data.AUTOTUNE
+    )
+
+
+def _permute_rows(seed: int | None):
+    """A map function that applies one random permutation to every tensor of a window."""
+    import tensorflow as tf
+
+    if seed is None:
+        generator = tf.random.Generator.from_non_deterministic_state()
+    else:
+        generator = tf.random.Generator.from_seed(seed)
+
+    def permute(features, target):
+        order = tf.argsort(generator.uniform([tf.shape(target)[0]]))
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), (features, target))
+
+    return permute

@@ -21,23 +21,29 @@ shard; readers take a shard set as finished only when its manifest is there.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
+import multiprocessing
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tfjobs import cli
-from tfjobs.examples import encode_examples, spec_columns
+from tfjobs.examples import encode_padded, spec_columns
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
 from tfjobs.store import join, local_copy, read_json, read_json_if_exists, sha256_file, staging_dir, store_for
 from tfjobs.store import write_json
+from tfjobs.tfrecord import FRAMING, TFRecordFileWriter
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 COMPRESSION = "GZIP"
 BATCH_ROWS = 65_536
+PROCESS_MIN_ROWS = 500_000  # below this, starting a process costs more than it saves
 _BUCKETS = 10_000
 
 
@@ -65,7 +71,8 @@ def split_assignment(spec: PipelineSpec, frame) -> tuple[np.ndarray, np.ndarray]
     return split, hashes // np.uint64(_BUCKETS)
 
 
-def shard_dataset(spec: PipelineSpec, validated_uri: str, output_uri: str) -> ShardResult:
+def shard_dataset(spec: PipelineSpec, validated_uri: str, output_uri: str, processes: int = 0) -> ShardResult:
+    """Shard the validated rows; ``processes`` 0 picks one per core when the data is big enough."""
     report_uri = join(validated_uri, "report.json")
     if not store_for(report_uri).exists(report_uri):
         raise FileNotFoundError(f"No validated data at {validated_uri} (no report.json): run the validate step first")
@@ -79,7 +86,7 @@ def shard_dataset(spec: PipelineSpec, validated_uri: str, output_uri: str) -> Sh
     store = store_for(output_uri)
     store.delete(manifest_uri)
     with local_copy(join(validated_uri, report["data_file"])) as parquet_path, staging_dir() as tmp:
-        splits = _write_shards(spec, parquet_path, tmp)
+        splits = _write_shards(spec, parquet_path, tmp, processes or default_processes(report["rows_valid"]))
         for split in splits.values():
             for shard in split["shards"]:
                 store.upload(tmp / shard["file"], join(output_uri, shard["file"]))
@@ -108,52 +115,69 @@ def _result(manifest_uri: str, manifest: dict, rewritten: bool) -> ShardResult:
     )
 
 
-def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path) -> dict:
+def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path, processes: int) -> dict:
+    """Write every shard; with several processes, each writes the shards ``i`` with ``i % processes == k``."""
+    names = [shard_file_name(split, i, spec.shards[split]) for split in SPLITS for i in range(spec.shards[split])]
+    for name in names:
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+    processes = max(1, min(processes, len(names)))
+    if processes == 1:
+        counts = _write_shard_subset(spec, str(parquet_path), str(out_dir), 0, 1)
+    else:
+        # fork is fast, but not safe once TensorFlow's threads exist in this process: then spawn.
+        context = multiprocessing.get_context("spawn" if "tensorflow" in sys.modules else "fork")
+        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+            parts = pool.map(_write_shard_subset, [spec] * processes, [str(parquet_path)] * processes,
+                             [str(out_dir)] * processes, range(processes), [processes] * processes)
+            counts = np.sum(list(parts), axis=0)
+    offset, splits = 0, {}
+    for split in SPLITS:
+        shards = []
+        for i in range(spec.shards[split]):
+            name = names[offset + i]
+            shards.append({"file": name, "records": int(counts[offset + i]),
+                           "bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)})
+        offset += spec.shards[split]
+        splits[split] = {"records": sum(shard["records"] for shard in shards), "shards": shards}
+    return splits
+
+
+def _write_shard_subset(spec: PipelineSpec, parquet_path: str, out_dir: str, worker: int, workers: int) -> np.ndarray:
+    """Read every row, keep those of this worker's shards, encode and write them; return per-shard counts."""
     import pyarrow.parquet as pq
-    import tensorflow as tf
 
     columns = spec_columns(spec)
-    files = {
-        split: [shard_file_name(split, i, spec.shards[split]) for i in range(spec.shards[split])] for split in SPLITS
-    }
-    counts = {split: [0] * len(names) for split, names in files.items()}
-    writers = {}
-    for names in files.values():
-        for name in names:
-            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            writers[name] = tf.io.TFRecordWriter(str(out_dir / name), options=COMPRESSION)
+    names = [shard_file_name(split, i, spec.shards[split]) for split in SPLITS for i in range(spec.shards[split])]
+    first_shard = np.cumsum([0] + [spec.shards[split] for split in SPLITS])[:-1]
+    shards_per_split = np.array([spec.shards[split] for split in SPLITS], np.uint64)
+    mine = [i for i in range(len(names)) if i % workers == worker]
+    writers = {i: TFRecordFileWriter(Path(out_dir) / names[i], COMPRESSION) for i in mine}
+    counts = np.zeros(len(names), np.int64)
     try:
-        for batch in pq.ParquetFile(parquet_path).iter_batches(batch_size=BATCH_ROWS):
+        for batch in pq.ParquetFile(parquet_path).iter_batches(batch_size=BATCH_ROWS, columns=list(spec.columns)):
             frame = batch.to_pandas()
             split_index, shard_hash = split_assignment(spec, frame)
-            values = {c.name: frame[c.name].to_numpy() for c in columns}
-            data, lengths = encode_examples(columns, values)
-            ends = np.cumsum(lengths)
-            buffer = data.tobytes()
-            for s, split in enumerate(SPLITS):
-                rows = np.flatnonzero(split_index == s)
-                shard_of_row = (shard_hash[rows] % np.uint64(len(files[split]))).astype(np.int64)
-                for row, shard in zip(rows.tolist(), shard_of_row.tolist()):
-                    writers[files[split][shard]].write(buffer[ends[row] - lengths[row] : ends[row]])
-                counts[split] = [c + int(n) for c, n in zip(counts[split], np.bincount(shard_of_row, minlength=len(files[split])))]
+            shard = first_shard[split_index] + (shard_hash % shards_per_split[split_index]).astype(np.int64)
+            keep = np.flatnonzero(shard % workers == worker)
+            if not len(keep):
+                continue
+            # Rows of each shard together, in input order, so that each shard's records are one slice.
+            keep = keep[np.argsort(shard[keep], kind="stable")]
+            shard = shard[keep]
+            rows = encode_padded(columns, {c.name: frame[c.name].to_numpy()[keep] for c in columns}, reserve=FRAMING)
+            bounds = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(shard)]
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                writers[int(shard[start])].write(rows.rows(start, stop))
+                counts[int(shard[start])] += stop - start
     finally:
         for writer in writers.values():
             writer.close()
-    return {
-        split: {
-            "records": sum(counts[split]),
-            "shards": [
-                {
-                    "file": name,
-                    "records": count,
-                    "bytes": (out_dir / name).stat().st_size,
-                    "sha256": sha256_file(out_dir / name),
-                }
-                for name, count in zip(files[split], counts[split])
-            ],
-        }
-        for split in SPLITS
-    }
+    return counts
+
+
+def default_processes(rows: int) -> int:
+    """One process per core, but only when there are enough rows to repay starting them."""
+    return max(1, min(os.cpu_count() or 1, rows // PROCESS_MIN_ROWS))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,8 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", required=True, help="pipeline spec YAML")
     parser.add_argument("--validated", required=True, help="validated data prefix URI (the validate step's output)")
     parser.add_argument("--output", required=True, help="output prefix URI")
+    parser.add_argument("--processes", type=int, default=0, help="worker processes (default: by size, up to one per core)")
     args = cli.parse(parser, argv)
-    cli.print_result(shard_dataset(load_spec(args.spec), args.validated, args.output))
+    cli.print_result(shard_dataset(load_spec(args.spec), args.validated, args.output, args.processes))
 
 
 if __name__ == "__main__":

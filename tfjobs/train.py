@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "training_model.keras"
 SUMMARY_FILE = "training.json"
-CACHE_LIMIT_BYTES = 1 << 30  # cache decoded records in memory below this estimate
+CACHE_LIMIT_BYTES = 2 << 30  # keep preprocessed rows in memory after the first epoch below this
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,11 @@ def _result(output_uri: str, summary: dict, rewritten: bool) -> TrainResult:
     )
 
 
+def encoded_row_bytes(preprocessor) -> int:
+    """Bytes one preprocessed row takes in memory: float32 numerics, int64 ids, the label."""
+    return 4 * len(preprocessor.numeric_names) + 8 * len(preprocessor.categorical_names) + 8
+
+
 def configure_devices():
     """Memory growth on every GPU; the distribution strategy for what is visible."""
     import tensorflow as tf
@@ -135,7 +140,7 @@ def compile_for_task(model, spec: PipelineSpec, settings: TrainingSpec) -> None:
 def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs, out_dir) -> dict:
     import keras
 
-    from tfjobs.input_pipeline import open_shards, raw_batches, training_batches
+    from tfjobs.input_pipeline import open_shards, training_batches
     from tfjobs.models import build_training_model, encoded_features
     from tfjobs.preprocessing import FeaturePreprocessor
 
@@ -145,14 +150,15 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
     preprocessor = FeaturePreprocessor(state)
 
     def dataset(shards, shuffle: bool):
-        raw = raw_batches(
+        return training_batches(
             shards,
+            preprocessor,
+            spec.label.name,
             settings.batch_size,
-            shuffle_buffer=settings.shuffle_buffer if shuffle else 0,
+            shuffle_rows=settings.shuffle_buffer if shuffle else 0,
             seed=settings.seed,
-            cache=sum(s["bytes"] for s in shards.shards) * 5 < CACHE_LIMIT_BYTES,
+            cache=shards.records * encoded_row_bytes(preprocessor) < CACHE_LIMIT_BYTES,
         )
-        return training_batches(raw, preprocessor, spec.label.name)
 
     with open_shards(args.shards_manifest_uri, "train") as train_shards, open_shards(
         args.shards_manifest_uri, "eval"

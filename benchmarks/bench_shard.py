@@ -1,0 +1,151 @@
+"""Sharding: encode + write tf.train.Example TFRecords, against the usual ways, in one run.
+
+Anchors measured here, on the same rows of the housing schema:
+- the tutorial loop: one ``tf.train.Example`` built per row, ``TFRecordWriter.write``;
+- one template Example mutated in place per row;
+- ``tf.io.TFRecordWriter`` writing records that are already serialized (its ceiling).
+Shardline's path (``encode_padded`` + ``TFRecordFileWriter``) is measured with GZIP
+off and on, and the whole shard job with one and two processes. Every record
+written by the fast path is parsed back with ``tf.io.parse_example`` and compared.
+The tfx-bsl figure (``RecordBatchToExamples``) is the published one: tfx-bsl pins
+Apache Beam, protobuf and pyarrow versions that do not install beside Airflow 3.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.data import housing_frame, housing_spec, write_validated
+from benchmarks.harness import Target, best_of
+
+TFX_BSL_ROWS_PER_S = 130_000  # the top of the published 100,000-130,000 range
+
+
+def _float_feature(value):
+    import tensorflow as tf
+
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+
+
+def _bytes_feature(value):
+    import tensorflow as tf
+
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+
+
+def _tutorial_loop(frame, columns, path, rows):
+    """As the TFRecord tutorial does: helper functions, one Example per row of the DataFrame."""
+    import tensorflow as tf
+
+    encoders = {c.name: _float_feature if c.dtype == "float32" else _bytes_feature for c in columns}
+    names = [c.name for c in columns]
+    with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        for row in frame[names].head(rows).itertuples(index=False, name=None):
+            feature = {name: encoders[name](value) for name, value in zip(names, row)}
+            example = tf.train.Example(features=tf.train.Features(feature=feature))
+            writer.write(example.SerializeToString())
+
+
+def _template_loop(columns, values, path, rows):
+    import tensorflow as tf
+
+    example = tf.train.Example()
+    slots = {}
+    for column in columns:
+        feature = example.features.feature[column.name]
+        slots[column.name] = feature.float_list.value if column.dtype == "float32" else feature.bytes_list.value
+        slots[column.name].append(0.0 if column.dtype == "float32" else b"")
+    lists = [(slots[c.name], values[c.name].tolist() if c.dtype == "float32" else [v.encode() for v in values[c.name]])
+             for c in columns]
+    with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+        for i in range(rows):
+            for slot, column_values in lists:
+                slot[0] = column_values[i]
+            writer.write(example.SerializeToString())
+
+
+def _fast_path(columns, values, path, compression):
+    from tfjobs.examples import encode_padded
+    from tfjobs.tfrecord import FRAMING, TFRecordFileWriter
+
+    rows = len(values[columns[0].name])
+    with TFRecordFileWriter(path, compression) as writer:
+        for start in range(0, rows, 65_536):
+            chunk = {name: column[start : start + 65_536] for name, column in values.items()}
+            writer.write(encode_padded(columns, chunk, reserve=FRAMING))
+
+
+def _check_round_trip(columns, values, path, compression):
+    import tensorflow as tf
+
+    from tfjobs.examples import parse_features
+
+    parsed = {name: [] for name in values}
+    dataset = tf.data.TFRecordDataset(path, compression_type=compression).batch(65_536)
+    for batch in dataset.map(lambda records: tf.io.parse_example(records, parse_features(columns))):
+        for name in parsed:
+            parsed[name].append(batch[name].numpy())
+    for column in columns:
+        got = np.concatenate(parsed[column.name])
+        expected = values[column.name]
+        if column.dtype == "string":
+            got = np.array([v.decode() for v in got], dtype=object)
+        if not np.array_equal(got, expected, equal_nan=column.dtype == "float32"):
+            raise AssertionError(f"{column.name}: records written by the fast path do not parse back to the input")
+
+
+def run(quick: bool = False) -> list[Target]:
+    import tensorflow as tf
+
+    from tfjobs.examples import serialize_examples, spec_columns
+    from tfjobs.shard import shard_dataset
+
+    rows = 200_000 if quick else 1_000_000
+    loop_rows = 10_000 if quick else 30_000
+    spec = housing_spec({"train": 8, "eval": 2, "test": 2})
+    columns = spec_columns(spec)
+    frame = housing_frame(rows).fillna({"ocean_proximity": ""})
+    values = {c.name: frame[c.name].to_numpy() for c in columns}
+    values["ocean_proximity"] = values["ocean_proximity"].astype(object)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tutorial = loop_rows / best_of(lambda: _tutorial_loop(frame, columns, str(tmp / "t"), loop_rows), 2)
+        template = loop_rows / best_of(lambda: _template_loop(columns, values, str(tmp / "m"), loop_rows), 2)
+        records = serialize_examples(columns, {k: v[:loop_rows * 5] for k, v in values.items()})
+
+        def write_serialized():
+            with tf.io.TFRecordWriter(str(tmp / "s"), options="GZIP") as writer:
+                for record in records:
+                    writer.write(record)
+
+        serialized = len(records) / best_of(write_serialized, 2)
+        plain = rows / best_of(lambda: _fast_path(columns, values, str(tmp / "plain"), ""), 3)
+        gzip = rows / best_of(lambda: _fast_path(columns, values, str(tmp / "gzip"), "GZIP"), 3)
+        _check_round_trip(columns, values, str(tmp / "plain"), "")
+        _check_round_trip(columns, values, str(tmp / "gzip"), "GZIP")
+
+        validated = write_validated(frame, spec, tmp / "validated")
+
+        def shard_job(processes):
+            def once():  # a fresh output each time: an up-to-date output would be skipped
+                shutil.rmtree(tmp / "shards", ignore_errors=True)
+                shard_dataset(spec, validated, str(tmp / "shards"), processes=processes)
+
+            return rows / best_of(once, 2)
+
+        one, two = shard_job(1), shard_job(2)
+    return [
+        Target("fast path, GZIP off", plain, 250_000, "rows/s", "the 250,000 rows/s target", 1.0),
+        Target("fast path, GZIP on", gzip, 250_000, "rows/s", "the 250,000 rows/s target", 1.0),
+        Target("fast path GZIP on vs tutorial loop", gzip, tutorial, "rows/s", "per-row tf.train.Example", 50.0),
+        Target("fast path GZIP on vs template Example", gzip, template, "rows/s", "mutated template Example", 1.0),
+        Target("fast path GZIP on vs pre-serialized", gzip, serialized, "rows/s", "TFRecordWriter.write loop", 1.0),
+        Target("fast path GZIP on vs tfx-bsl", gzip, TFX_BSL_ROWS_PER_S, "rows/s",
+               "tfx-bsl RecordBatchToExamples (published, not run)", 2.0),
+        Target("shard job, 2 processes vs 1", two, one, "rows/s", "1 process", 1.6,
+               note=f"whole job incl. Parquet read and split: {one:,.0f} rows/s with 1 process"),
+    ]
