@@ -36,7 +36,7 @@ with DAG(
     doc_md=__doc__,
 ):
     chain(
-        FetchDatasetOperator(task_id="fetch", source_uri="{{ params.source_uri }}"),
+        FetchDatasetOperator(task_id="fetch", source_uri="{{ params.source_uri or '' }}"),
         ValidateDatasetOperator(task_id="validate"),
         ShardToTFRecordOperator(task_id="shard"),
         AdaptPreprocessingOperator(task_id="adapt"),

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from operators.base import ShardlineOperator
+from operators.links import StoreLink
 from tfjobs.store import join
 
 
@@ -8,6 +9,7 @@ class AdaptPreprocessingOperator(ShardlineOperator):
     """Adapt the preprocessing (Normalization, StringLookup, ...) on the training shards."""
 
     output_stage = "preprocessing"
+    operator_extra_links = (StoreLink("Preprocessing state", "state_uri"),)
 
     def execute(self, context):
         from tfjobs.adapt import adapt_preprocessing

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 from operators.base import ShardlineOperator
+from operators.links import StoreLink
 from tfjobs.store import join
 
 
 class EvaluateModelOperator(ShardlineOperator):
     """Evaluate the inference model on the test split and bless it against the spec's bounds."""
+
+    operator_extra_links = (StoreLink("Test metrics", "metrics_uri"),)
 
     def execute(self, context):
         from tfjobs.evaluate import evaluate_model

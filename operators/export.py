@@ -3,6 +3,7 @@ from __future__ import annotations
 from airflow.sdk.exceptions import AirflowSkipException
 
 from operators.base import ShardlineOperator
+from operators.links import StoreLink
 from tfjobs.store import join
 
 
@@ -15,6 +16,7 @@ class ExportServingModelOperator(ShardlineOperator):
 
     output_stage = "serving"
     ui_color = "#b5e48c"
+    operator_extra_links = (StoreLink("Exported model", "version_uri"),)
 
     def execute(self, context):
         from tfjobs.export import ExportArgs, NotBlessedError, export_model

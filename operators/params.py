@@ -38,10 +38,11 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
             values_display=dict(choices.MODEL_KINDS),
             title="Model", description="Which model architecture to train.",
         ),
+        # "null" too: the UI form requires every field whose type cannot be null, so "" would block Trigger.
         "source_uri": Param(
-            "", type="string", title="Source CSV",
+            "", type=["null", "string"], title="Source CSV",
             description="Fetch this CSV (path, file://, http(s)://, s3://) instead of the spec's source; "
-            "empty for the spec's.",
+            "empty for the spec's. {partition} in it becomes the run's date, e.g. /landing/penguins-{partition}.csv.",
         ),
         "force_retrain": Param(
             False, type="boolean", title="Retrain",

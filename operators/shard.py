@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 from operators.base import ShardlineOperator
+from operators.links import StoreLink
 
 
 class ShardToTFRecordOperator(ShardlineOperator):
     """Split validated rows and write GZIP TFRecord shards of ``tf.train.Example`` with a manifest."""
 
     output_stage = "shards"
+    operator_extra_links = (StoreLink("Manifest", "manifest_uri"),)
 
     def execute(self, context):
         from tfjobs.shard import shard_dataset

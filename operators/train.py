@@ -3,8 +3,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from operators.base import ShardlineOperator
+from airflow.sdk import conf
+
+from operators.base import CONFIG_SECTION, ShardlineOperator
+from operators.links import StoreLink
 from tfjobs.store import join
+
+
+def gpu_queue() -> str:
+    """``[shardline] gpu_queue`` (``AIRFLOW__SHARDLINE__GPU_QUEUE``): the Celery queue GPU workers serve."""
+    return conf.get(CONFIG_SECTION, "gpu_queue", fallback="gpu") or "gpu"
 
 
 class TrainModelOperator(ShardlineOperator):
@@ -14,12 +22,15 @@ class TrainModelOperator(ShardlineOperator):
         ``{"epochs": "{{ params.epochs }}"}`` (templated).
     :param model_kind: which registered model to build; empty for the spec's (templated).
     :param force: retrain even if a model of the same inputs and settings exists (templated).
+    :param queue: the Celery queue to run on; by default ``[shardline] gpu_queue`` ("gpu"), which
+        GPU workers serve. Set it per task, or per DAG in ``default_args``, to train elsewhere.
     """
 
     template_fields: Sequence[str] = (*ShardlineOperator.template_fields, "hyperparameters", "model_kind", "force")
     template_fields_renderers = {"hyperparameters": "json"}
     output_stage = "runs"
     ui_color = "#f9c784"
+    operator_extra_links = (StoreLink("TensorBoard logs", "tensorboard_uri"), StoreLink("Trained model", "model_uri"))
 
     def __init__(
         self,
@@ -27,9 +38,10 @@ class TrainModelOperator(ShardlineOperator):
         hyperparameters: dict[str, Any] | None = None,
         model_kind: str = "",
         force: bool | str = False,
+        queue: str | None = None,
         **kwargs,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(queue=queue or gpu_queue(), **kwargs)
         self.hyperparameters = hyperparameters or {}
         self.model_kind = model_kind
         self.force = force

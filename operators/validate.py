@@ -1,12 +1,17 @@
 from __future__ import annotations
 
 from operators.base import ShardlineOperator
+from operators.links import StoreLink
 
 
 class ValidateDatasetOperator(ShardlineOperator):
     """Check raw rows against the spec; write valid rows typed and quarantine the rest with reasons."""
 
     output_stage = "validated"
+    operator_extra_links = (
+        StoreLink("Validation report", "report_uri"),
+        StoreLink("Quarantined rows", "quarantine_uri"),
+    )
 
     def execute(self, context):
         from tfjobs.validate import validate_dataset

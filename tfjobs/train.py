@@ -15,6 +15,17 @@ A visible GPU is used with memory growth on; with several GPUs training runs
 under ``tf.distribute.MirroredStrategy``. A re-run with the same inputs and
 hyperparameters rewrites nothing unless ``force`` is set.
 
+Beyond one machine: when ``TF_CONFIG`` describes a cluster of several tasks, the
+same command runs on every task under ``tf.distribute.MultiWorkerMirroredStrategy``
+(one process per machine or pod, each with the same arguments and its own
+``TF_CONFIG``). Every worker reads every shard and keeps its share of the batches;
+only the chief (``chief`` 0, or ``worker`` 0 when the cluster has no chief)
+publishes checkpoints, logs and the model, the others train in a throwaway
+directory::
+
+    TF_CONFIG='{"cluster": {"worker": ["host-a:12345", "host-b:12345"]},
+                "task": {"type": "worker", "index": 0}}' python -m tfjobs.train ...
+
     python -m tfjobs.train --spec include/penguins.yaml --shards <...>/manifest.json \\
         --state <...>/state.json --output <store>/runs/penguins/<run>/train --set epochs=30
 """
@@ -25,6 +36,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,9 +64,51 @@ class TrainArgs:
 
 
 @dataclass(frozen=True)
+class ClusterTask:
+    """This process's place in a multi-worker cluster, from ``TF_CONFIG``."""
+
+    task_type: str
+    index: int
+    cluster: dict[str, list[str]]
+
+    @property
+    def is_chief(self) -> bool:
+        if "chief" in self.cluster:
+            return self.task_type == "chief"
+        return self.task_type == "worker" and self.index == 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.task_type}:{self.index}"
+
+
+def cluster_task(tf_config: str | None = None) -> ClusterTask | None:
+    """The task ``TF_CONFIG`` describes, or None when there is no cluster of several tasks."""
+    tf_config = os.environ.get("TF_CONFIG", "") if tf_config is None else tf_config
+    if not tf_config.strip():
+        return None
+    try:
+        config = json.loads(tf_config)
+        cluster = {kind: list(addresses) for kind, addresses in config["cluster"].items()}
+        task = ClusterTask(str(config["task"]["type"]), int(config["task"]["index"]), cluster)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(
+            f"TF_CONFIG must be JSON like {{\"cluster\": {{\"worker\": [\"host:port\", ...]}}, "
+            f"\"task\": {{\"type\": \"worker\", \"index\": 0}}}}: {type(err).__name__} {err}"
+        ) from None
+    addresses = cluster.get(task.task_type, [])
+    if not 0 <= task.index < len(addresses):
+        raise ValueError(f"TF_CONFIG's task {task.name} is not in its cluster {cluster}")
+    if sum(len(cluster.get(kind, [])) for kind in ("chief", "worker")) < 2:
+        return None
+    return task
+
+
+@dataclass(frozen=True)
 class TrainResult:
     model_uri: str
     summary_uri: str
+    tensorboard_uri: str
     model_kind: str
     epochs_run: int
     best_epoch: int
@@ -76,13 +130,22 @@ def train_model(args: TrainArgs) -> TrainResult:
         log.info("Model at %s was trained on the same inputs and settings; not retraining", args.output_uri)
         return _result(args.output_uri, previous, rewritten=False)
 
+    task = cluster_task()
+    publishes = task is None or task.is_chief
     store = store_for(args.output_uri)
-    store.delete(summary_uri)
+    if publishes:
+        store.delete(summary_uri)
     with staging_dir() as tmp:
         summary = _fit(spec, settings, kind, args, tmp)
         summary["fingerprint"] = fingerprint
+        summary["cluster_task"] = task.name if task else None
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        if not publishes:
+            # Every worker trains the same replicated model; only the chief's copy is kept.
+            log.info("Task %s is not the chief: its outputs in %s are thrown away", task.name, tmp)
+            return _result(args.output_uri, summary, rewritten=False)
         store.publish_dir(tmp, args.output_uri, last=[SUMMARY_FILE])
+        log.info("Published the training outputs to %s", args.output_uri)
     return _result(args.output_uri, summary, rewritten=True)
 
 
@@ -98,6 +161,7 @@ def _result(output_uri: str, summary: dict, rewritten: bool) -> TrainResult:
     return TrainResult(
         model_uri=join(output_uri, MODEL_FILE),
         summary_uri=join(output_uri, SUMMARY_FILE),
+        tensorboard_uri=join(output_uri, "tensorboard"),
         model_kind=summary["model_kind"],
         epochs_run=summary["epochs_run"],
         best_epoch=summary["best_epoch"],
@@ -112,12 +176,20 @@ def encoded_row_bytes(preprocessor) -> int:
 
 
 def configure_devices():
-    """Memory growth on every GPU; the distribution strategy for what is visible."""
+    """Memory growth on every GPU; the distribution strategy for the cluster and what is visible.
+
+    Call it before any other TensorFlow operation: a multi-worker strategy must
+    configure the runtime's collectives before the runtime starts.
+    """
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
+    task = cluster_task()
+    if task is not None:
+        log.info("Training as %s of the cluster %s with MultiWorkerMirroredStrategy", task.name, task.cluster)
+        return tf.distribute.MultiWorkerMirroredStrategy()
     if len(gpus) > 1:
         log.info("Training on %d GPUs with MirroredStrategy", len(gpus))
         return tf.distribute.MirroredStrategy()
@@ -144,13 +216,14 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
     from tfjobs.models import build_training_model, encoded_features
     from tfjobs.preprocessing import FeaturePreprocessor
 
-    keras.utils.set_random_seed(settings.seed)
     strategy = configure_devices()
+    multi_worker = cluster_task() is not None
+    keras.utils.set_random_seed(settings.seed)
     state = read_json(args.state_uri)
     preprocessor = FeaturePreprocessor(state)
 
     def dataset(shards, shuffle: bool):
-        return training_batches(
+        batches = training_batches(
             shards,
             preprocessor,
             spec.label.name,
@@ -159,6 +232,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             seed=settings.seed,
             cache=shards.records * encoded_row_bytes(preprocessor) < CACHE_LIMIT_BYTES,
         )
+        return shard_by_batch(batches) if multi_worker else batches
 
     with open_shards(args.shards_manifest_uri, "train") as train_shards, open_shards(
         args.shards_manifest_uri, "eval"
@@ -168,6 +242,8 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
         with strategy.scope():
             model = build_training_model(spec, encoded_features(spec, preprocessor), kind)
             compile_for_task(model, spec, settings)
+        if multi_worker:
+            adapt_fit_to_multi_worker(model, strategy, next(iter(train_data)))
         callbacks = [
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=settings.early_stopping_patience, restore_best_weights=True
@@ -206,6 +282,46 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
         "shards_manifest": args.shards_manifest_uri,
         "state": args.state_uri,
     }
+
+
+def adapt_fit_to_multi_worker(model, strategy, batch) -> None:
+    """Work around two Keras 3 bugs that break ``fit()`` under MultiWorkerMirroredStrategy.
+
+    1. ``fit()`` builds the loss, metrics and optimizer from a batch averaged across
+       workers, which fails for dict inputs (keras-team/keras#20329): build them
+       from one local batch beforehand.
+    2. ``fit()`` averages each step's metrics across workers along axis 0, which a
+       scalar does not have (Keras 3 and this strategy: keras-team/keras#20585):
+       give them that axis.
+    """
+    import tensorflow as tf
+
+    with strategy.scope():
+        model._symbolic_build(data_batch=batch)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+    def with_worker_axis(step):
+        def step_with_worker_axis(data):
+            return {name: tf.reshape(value, [1]) for name, value in step(data).items()}
+
+        return step_with_worker_axis
+
+    model.train_step = with_worker_axis(model.train_step)
+    model.test_step = with_worker_axis(model.test_step)
+
+
+def shard_by_batch(dataset):
+    """Each worker reads every shard and keeps its share of the batches.
+
+    Sharding by file, the default, would leave workers without data when a split has
+    fewer shards than the cluster has workers (the penguins' eval split has one), and
+    would contradict the record count the input pipeline asserts from the manifest.
+    """
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def epoch_progress(epochs: int):

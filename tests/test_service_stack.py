@@ -1,0 +1,214 @@
+"""Shardline as a service on this machine: a real scheduler, Celery workers, the REST API, the UI and a backfill.
+
+One stack for the module (see ``service_stack.py``): PostgreSQL, Redis, the
+api-server, scheduler, dag-processor, triggerer, a CPU Celery worker on the
+default queue and a GPU Celery worker on ``gpu``. The tests drive it the way
+users do: a backfill of three days, a run triggered through the REST API with
+the request the UI's trigger form sends, and the trigger form itself in headless
+Chromium. The screenshot and the stack's logs are kept under ``tests/artifacts/``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import tempfile
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from processes import wait_for
+from service_stack import ADMIN, CPU_WORKER_HOST, GPU_QUEUE, GPU_WORKER_HOST, ServiceStack
+from tfjobs.export import published_versions
+from tfjobs.store import read_json
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = ROOT / "tests" / "artifacts"
+DAG = "penguins"
+RUN_TIMEOUT_S = 600
+CHROMIUM = "/usr/bin/chromium"
+# Without these, Chromium on a closed network hangs on updates, sync and GPU probing.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("service")
+    stack = ServiceStack(root, store_uri=str(root / "store"))
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        shutil.copytree(stack.logs, ARTIFACTS / "service-logs", dirs_exist_ok=True)
+        for name, process in stack.processes.items():  # every process group it started is gone
+            with pytest.raises(ProcessLookupError):
+                os.killpg(process.pid, 0)
+            assert process.returncode is not None, name
+
+
+@pytest.fixture(scope="module")
+def api(stack):
+    with stack.api() as client:
+        yield client
+
+
+def finished_run(api, run_id: str, timeout_s: float = RUN_TIMEOUT_S) -> dict:
+    """The run once it has finished; fails naming the task states if it did not succeed."""
+    def run_if_finished():
+        run = api.get(f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}").json()
+        return run if run["state"] in ("success", "failed") else None
+
+    run = wait_for(run_if_finished, timeout_s, f"run {run_id}", interval_s=3)
+    assert run["state"] == "success", {t: ti["state"] for t, ti in task_instances(api, run_id).items()}
+    return run
+
+
+def task_instances(api, run_id: str) -> dict[str, dict]:
+    response = api.get(f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances")
+    return {ti["task_id"]: ti for ti in response.json()["task_instances"]}
+
+
+def task_result(api, run_id: str, task_id: str) -> dict:
+    path = f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/{task_id}/xcomEntries/return_value"
+    return api.get(path).json()["value"]
+
+
+def task_links(api, run_id: str, task_id: str) -> dict[str, str]:
+    path = f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/{task_id}/links"
+    return api.get(path).json()["extra_links"]
+
+
+def unix_seconds(day: datetime.date) -> int:
+    return int(datetime.datetime.combine(day, datetime.time(), datetime.timezone.utc).timestamp())
+
+
+def daily_deliveries(landing: Path, days: list[datetime.date]) -> str:
+    """One CSV per day, each a different sample of the penguins, as an upstream system delivers them."""
+    import palmerpenguins
+
+    landing.mkdir(parents=True, exist_ok=True)
+    penguins = palmerpenguins.load_penguins()
+    for day in days:
+        penguins.sample(frac=0.9, random_state=day.toordinal()).to_csv(landing / f"penguins-{day}.csv", index=False)
+    return str(landing / "penguins-{partition}.csv")
+
+
+def test_backfill_of_three_days_publishes_three_versions_and_serves_the_newest(stack, api):
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    days = [today - datetime.timedelta(days=n) for n in (6, 5, 4)]
+    source_uri = daily_deliveries(Path(stack.root) / "landing", days)
+    response = api.post("/backfills", json={
+        "dag_id": DAG, "from_date": f"{days[0]}T00:00:00Z", "to_date": f"{days[-1]}T00:00:00Z",
+        "max_active_runs": 3, "reprocess_behavior": "none", "run_backwards": False,
+        "dag_run_conf": {"source_uri": source_uri},
+    })
+    assert response.status_code == 200, response.text
+    backfill_id = response.json()["id"]
+    def backfill_runs():
+        runs = [run for run in api.get(f"/dags/{DAG}/dagRuns").json()["dag_runs"] if run["run_type"] == "backfill"]
+        return runs if len(runs) == 3 else None
+
+    runs = wait_for(backfill_runs, 60, "three backfill runs")
+    assert sorted(run["logical_date"][:10] for run in runs) == [str(day) for day in days]
+    for run in runs:
+        finished_run(api, run["dag_run_id"])
+
+    store = Path(stack.store_uri)
+    for stage in ("raw", "validated", "shards", "preprocessing"):
+        assert sorted(p.name for p in (store / stage / DAG).iterdir()) == [str(day) for day in days], stage
+    fetched = [read_json(str(store / "raw" / DAG / str(day) / "manifest.json")) for day in days]
+    assert [m["source"] for m in fetched] == [source_uri.replace("{partition}", str(day)) for day in days]
+    versions = published_versions(str(store / "serving" / DAG))
+    assert list(versions) == [unix_seconds(day) for day in days]
+    # TF Serving serves the highest version: the newest day's model.
+    newest = read_json(versions[max(versions)] + "/shardline.json")
+    assert f"/runs/{DAG}/{days[-1]}T000000/train/" in newest["trained_model"]
+    # The scheduler closes the backfill once its runs are done.
+    wait_for(lambda: api.get(f"/backfills/{backfill_id}").json()["completed_at"], 120, "the backfill to complete")
+
+
+def test_rest_api_trigger_routes_training_to_the_gpu_worker_and_applies_the_param(stack, api):
+    # The request the UI's trigger form sends: every Param's value, one of them changed, and a logical date.
+    params = api.get(f"/dags/{DAG}/details").json()["params"]
+    conf = {name: param["value"] for name, param in params.items()}
+    assert conf["epochs"] != 6
+    conf["epochs"] = 6
+    logical_date = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    response = api.post(f"/dags/{DAG}/dagRuns", json={
+        "conf": conf, "logical_date": logical_date.isoformat(), "data_interval_start": None,
+        "data_interval_end": None, "partition_key": None,
+    })
+    assert response.status_code == 200, response.text
+    run = finished_run(api, response.json()["dag_run_id"])
+    assert run["conf"]["epochs"] == 6
+
+    tis = task_instances(api, run["dag_run_id"])
+    assert (tis["train"]["queue"], tis["train"]["hostname"]) == (GPU_QUEUE, GPU_WORKER_HOST)
+    for task_id, ti in tis.items():
+        if task_id != "train":
+            assert (ti["queue"], ti["hostname"]) == ("default", CPU_WORKER_HOST), task_id
+
+    # The Param reached the training job.
+    assert tis["train"]["rendered_fields"]["hyperparameters"]["epochs"] == "6"
+    trained = task_result(api, run["dag_run_id"], "train")
+    assert trained["epochs_run"] <= 6
+    assert read_json(trained["summary_uri"])["settings"]["epochs"] == 6
+
+    # Extra links lead from the tasks to what they wrote.
+    links = {**task_links(api, run["dag_run_id"], "fetch"), **task_links(api, run["dag_run_id"], "train")}
+    assert set(links) == {"Manifest", "TensorBoard logs", "Trained model"}
+    for url in links.values():
+        assert Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).exists(), url
+    assert links["TensorBoard logs"].startswith(Path(stack.store_uri).as_uri() + f"/runs/{DAG}/")
+
+
+def test_ui_trigger_form_starts_a_run_that_succeeds(stack, api):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    screenshot = ARTIFACTS / "service_ui_trigger.png"
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+        browser = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True, viewport={"width": 1400, "height": 1000}
+        )
+        page = browser.new_page()
+        try:
+            page.goto(f"{stack.url}/dags/{DAG}", timeout=120_000)
+            page.get_by_label("Username").fill(ADMIN)
+            page.get_by_label("Password").fill(stack.password)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(f"**/dags/{DAG}", timeout=60_000)
+
+            page.get_by_role("button", name="Trigger").first.click()
+            form = page.get_by_role("dialog")
+            form.get_by_text("Run Parameters").wait_for(timeout=60_000)
+            form.get_by_label("Epochs").fill("5")
+            with page.expect_response(lambda r: r.url.endswith(f"/dags/{DAG}/dagRuns") and r.request.method == "POST",
+                                      timeout=60_000) as triggered:
+                form.get_by_role("button", name="Trigger").click()
+            assert triggered.value.status == 200, triggered.value.text()
+            run_id = triggered.value.json()["dag_run_id"]
+
+            # The UI opens the run and refreshes it; a person would reload now and then too.
+            page.wait_for_url("**/runs/**", timeout=60_000)
+            state = page.get_by_test_id("state-badge").first
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while state.inner_text().strip() not in ("Success", "Failed") and time.monotonic() < deadline:
+                page.wait_for_timeout(15_000)
+                if state.inner_text().strip() not in ("Success", "Failed"):
+                    page.reload()
+            assert state.inner_text().strip() == "Success"
+        finally:
+            page.screenshot(path=str(screenshot))
+            browser.close()
+
+    run = finished_run(api, run_id, timeout_s=30)
+    assert run["conf"]["epochs"] == 5 and run["triggering_user_name"] == ADMIN
+    assert task_instances(api, run_id)["train"]["rendered_fields"]["hyperparameters"]["epochs"] == "5"
+    assert screenshot.stat().st_size > 10_000
