@@ -317,7 +317,9 @@ def training_batches(
     def parse_and_preprocess(records):
         batch = tf.io.parse_example(records, features)
         target = batch.pop(label)
-        return preprocessor(batch), preprocessor.encode_label(target)
+        # call(), not __call__: under another Keras backend (KERAS_BACKEND=jax), __call__ would
+        # convert these graph tensors to that backend's arrays; the preprocessing is TensorFlow.
+        return preprocessor.call(batch), preprocessor.encode_label(target)
 
     dataset = (
         shards.record_dataset(shuffle=bool(shuffle_rows), seed=seed)
@@ -329,7 +331,9 @@ def training_batches(
     if shuffle_rows:
         windows = -(-shards.records // window)
         dataset = dataset.shuffle(min(windows, 16), seed=seed, reshuffle_each_iteration=True)
-        dataset = dataset.map(_permute_rows(seed))  # sequential: the generator's draws stay in order
+        # One random seed per window, new every epoch, so the permutations run in parallel.
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+        dataset = tf.data.Dataset.zip(dataset, seeds).map(_permute_rows, num_parallel_calls=tf.data.AUTOTUNE)
     if window != batch_size:
         dataset = dataset.rebatch(batch_size)
     return dataset.apply(tf.data.experimental.assert_cardinality(-(-shards.records // batch_size))).prefetch(
@@ -337,17 +341,10 @@ def training_batches(
     )
 
 
-def _permute_rows(seed: int | None):
-    """A map function that applies one random permutation to every tensor of a window."""
+def _permute_rows(window, seed):
+    """The window's rows in a random order: one permutation applied to every tensor."""
     import tensorflow as tf
 
-    if seed is None:
-        generator = tf.random.Generator.from_non_deterministic_state()
-    else:
-        generator = tf.random.Generator.from_seed(seed)
-
-    def permute(features, target):
-        order = tf.argsort(generator.uniform([tf.shape(target)[0]]))
-        return tf.nest.map_structure(lambda t: tf.gather(t, order), (features, target))
-
-    return permute
+    features, target = window
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(target)[0]), seed=tf.stack([seed, 0]))
+    return tf.nest.map_structure(lambda t: tf.gather(t, order), (features, target))
