@@ -53,11 +53,25 @@ class FetchResult:
     rewritten: bool
 
 
-def fetch_dataset(spec: PipelineSpec, output_uri: str, partition: str = "", source_uri: str = "") -> FetchResult:
-    """Fetch the spec's source (or ``source_uri``, a CSV) into ``output_uri``."""
+def fetch_dataset(
+    spec: PipelineSpec, output_uri: str, partition: str = "", source_uri: str = "", landing_uri: str = ""
+) -> FetchResult:
+    """Fetch the spec's source into ``output_uri``; or ``source_uri``, a CSV; or the partition's file under ``landing_uri``.
+
+    A landing prefix is read with the spec's ``source.pattern`` if its source is a
+    landing one, ``<partition>.csv`` otherwise.
+    """
     source = spec.source
+    if source_uri and landing_uri:
+        raise ValueError(
+            f"Fetch either a CSV (source_uri={redact(source_uri)!r}) or a landing prefix "
+            f"(landing_uri={redact(landing_uri)!r}), not both"
+        )
     if source_uri:
         source = SourceSpec(kind="csv", uri=source_uri)
+    elif landing_uri:
+        pattern = spec.source.pattern if spec.source.kind == "landing" else SourceSpec.pattern
+        source = SourceSpec(kind="landing", uri=landing_uri, pattern=pattern)
     with staging_dir() as tmp:
         local = tmp / DATA_FILE
         description = _fetch_source(source, partition, local)
@@ -191,8 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", required=True, help="output prefix URI, e.g. <store>/raw/<dataset>/<partition>")
     parser.add_argument("--partition", default="", help="the partition (logical date) to fetch")
     parser.add_argument("--source", default="", help="fetch this CSV URI instead of the spec's source")
+    parser.add_argument("--landing", default="", help="fetch <prefix>/<partition>.csv under this prefix instead")
     args = cli.parse(parser, argv)
-    result = fetch_dataset(load_spec(args.spec), args.output, partition=args.partition, source_uri=args.source)
+    result = fetch_dataset(
+        load_spec(args.spec), args.output, partition=args.partition, source_uri=args.source, landing_uri=args.landing
+    )
     cli.print_result(result)
 
 
