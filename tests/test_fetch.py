@@ -74,6 +74,19 @@ def test_landing_prefix_reads_the_partitions_file(tmp_path, store):
         fetch_dataset(spec, f"{store}/raw", partition="2026-11-25")
 
 
+def test_landing_prefix_given_at_run_time_overrides_the_spec_source(tmp_path, store):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "2026-11-24.csv").write_text(CSV)
+    result = fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-24", landing_uri=str(landing))
+    assert (result.rows, result.source) == (2, f"{landing}/2026-11-24.csv")
+    with pytest.raises(SourceNotFoundError, match=r"No delivery for partition 2026-11-25 .*2026-11-25\.csv"):
+        fetch_dataset(tiny_spec(), f"{store}/raw2", partition="2026-11-25", landing_uri=str(landing))
+    with pytest.raises(ValueError, match="either a CSV .* or a landing prefix .* not both"):
+        fetch_dataset(tiny_spec(), f"{store}/raw3", partition="2026-11-24", landing_uri=str(landing),
+                      source_uri=str(landing / "2026-11-24.csv"))
+
+
 def test_empty_csv_is_an_error(tmp_path, store):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match="empty"):

@@ -93,4 +93,4 @@ def test_run_key_and_version_come_from_the_logical_date(tmp_path):
 
 
 def test_templated_fields_are_declared():
-    assert {"store_uri", "partition", "source_uri"} <= set(FetchDatasetOperator.template_fields)
+    assert {"store_uri", "partition", "source_uri", "landing_uri"} <= set(FetchDatasetOperator.template_fields)
