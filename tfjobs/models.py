@@ -119,32 +119,34 @@ def build_mlp(inputs: dict, features: EncodedFeatures, model_spec: ModelSpec, ou
     return keras.Model(inputs, output_head(x, outputs), name="mlp")
 
 
+def given_options(model_spec: ModelSpec, *names: str) -> dict:
+    """The spec's model options among ``names`` (the model class has the defaults)."""
+    return {name: model_spec.options[name] for name in names if name in model_spec.options}
+
+
 @register_model("residual", options=("repeats", "noise_stddev"))
 def build_residual(inputs: dict, features: EncodedFeatures, model_spec: ModelSpec, outputs: int) -> keras.Model:
-    options = model_spec.options
+    """Width: the first of ``hidden_units``."""
     return ResidualModel(
         **feature_arguments(features), output_units=outputs, name="residual",
-        units=model_spec.hidden_units[0] if model_spec.hidden_units else 64,
-        repeats=options.get("repeats", 3), noise_stddev=options.get("noise_stddev", 0.0), dropout=model_spec.dropout,
+        units=model_spec.hidden_units[0] if model_spec.hidden_units else 64, dropout=model_spec.dropout,
+        **given_options(model_spec, "repeats", "noise_stddev"),
     )
 
 
 @register_model("wide_deep", options=("wide_penalty", "max_norm"))
 def build_wide_deep(inputs: dict, features: EncodedFeatures, model_spec: ModelSpec, outputs: int) -> keras.Model:
-    options = model_spec.options
     return WideAndDeepModel(
         **feature_arguments(features), output_units=outputs, name="wide_deep", hidden_units=model_spec.hidden_units,
-        wide_penalty=options.get("wide_penalty", 1e-4), max_norm=options.get("max_norm", 4.0),
+        **given_options(model_spec, "wide_penalty", "max_norm"),
     )
 
 
 @register_model("reconstruction", options=("noise_stddev", "reconstruction_weight"))
 def build_reconstruction(inputs: dict, features: EncodedFeatures, model_spec: ModelSpec, outputs: int) -> keras.Model:
-    options = model_spec.options
     return ReconstructingModel(
         **feature_arguments(features), output_units=outputs, name="reconstruction",
-        hidden_units=model_spec.hidden_units, noise_stddev=options.get("noise_stddev", 0.1),
-        reconstruction_weight=options.get("reconstruction_weight", 0.1),
+        hidden_units=model_spec.hidden_units, **given_options(model_spec, "noise_stddev", "reconstruction_weight"),
     )
 
 
