@@ -8,7 +8,7 @@ from tfjobs import choices
 from tfjobs.spec import PipelineSpec
 
 #: Params that override the spec's training settings, passed to TrainModelOperator.
-HYPERPARAMETER_NAMES = ("epochs", "batch_size", "learning_rate", "early_stopping_patience")
+HYPERPARAMETER_NAMES = ("epochs", "batch_size", "learning_rate", "early_stopping_patience", "loss", "loop")
 HYPERPARAMETERS = {name: "{{ params.%s }}" % name for name in HYPERPARAMETER_NAMES}
 
 
@@ -38,6 +38,16 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
             values_display=dict(choices.MODEL_KINDS),
             title="Model", description="Which model architecture to train.",
         ),
+        "loss": Param(
+            training.loss_for(spec.label.task), type="string", enum=list(choices.TASK_LOSSES[spec.label.task]),
+            values_display={name: choices.LOSSES[name] for name in choices.TASK_LOSSES[spec.label.task]},
+            title="Loss", description="What training minimizes.",
+        ),
+        "loop": Param(
+            training.loop, type="string", enum=sorted(choices.TRAINING_LOOPS),
+            values_display=dict(choices.TRAINING_LOOPS),
+            title="Training loop", description="Keras fit() or Shardline's custom GradientTape loop.",
+        ),
         "source_uri": Param(
             "", type="string", title="Source CSV",
             description="Fetch this CSV (path, file://, http(s)://, s3://) instead of the spec's source; "
@@ -46,5 +56,16 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
         "force_retrain": Param(
             False, type="boolean", title="Retrain",
             description="Retrain even when a model of the same data and settings exists for this run.",
+        ),
+    }
+
+
+def landing_params() -> dict[str, Param]:
+    """For DAGs whose data arrives as one file per day under a prefix."""
+    return {
+        "landing_uri": Param(
+            "", type="string", title="Landing prefix",
+            description="Fetch the run's delivery, <prefix>/<logical date>.csv (path, file://, s3://), instead of "
+            "the spec's source; empty for the spec's.",
         ),
     }
