@@ -94,7 +94,7 @@ def run(quick: bool) -> list[Target]:
         with_loop = build(kind, spec)
         with_loop(next(iter(data))[0])
         loop = GradientTapeLoop(with_loop, optimizer_groups(with_loop, spec.training.wide_learning_rate))
-        loop_seconds = loop_seconds_per_epoch(lambda: loop.run_epoch(data, loop.train_step), 3)
+        loop_seconds = loop_seconds_per_epoch(lambda loop=loop: loop.run_epoch(data, loop.train_step), 3)
         optimizers = " + ".join(type(o).__name__ for o, _ in loop.groups)
         targets.append(Target(
             name=f"custom-loop step time, {kind}",

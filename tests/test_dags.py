@@ -73,7 +73,9 @@ def test_housing_dag_trigger_form_picks_model_loss_loop_and_landing_prefix():
     assert params.get_param("loss").schema["enum"] == ["mse", "huber"]
     assert "threshold" in params.get_param("loss").schema["values_display"]["huber"]
     assert params.get_param("loop").schema["enum"] == ["custom", "fit"]
-    with pytest.raises(Exception):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match="crossentropy"):
         params.get_param("loss").resolve("crossentropy")  # not a regression loss
     assert params.get_param("landing_uri").description
     train, fetch = dag.get_task("train"), dag.get_task("fetch")

@@ -26,7 +26,7 @@ import keras
 from keras import layers
 
 from tfjobs import choices, losses, metrics  # noqa: F401  (losses, metrics: registered for compile configs)
-from tfjobs.layers import NUMERIC, FeatureVector  # noqa: F401  (NUMERIC: also read from here)
+from tfjobs.layers import NUMERIC, FeatureVector
 from tfjobs.spec import ModelSpec, PipelineSpec
 from tfjobs.subclassed_models import ReconstructingModel, ResidualModel, WideAndDeepModel
 
