@@ -58,7 +58,8 @@ class GradientTapeLoop:
         self.groups = groups
         self.variables = [v for _, variables in groups for v in variables]
         for optimizer, variables in groups:
-            optimizer.build(variables)  # their slots exist before the step is traced
+            if not optimizer.built:
+                optimizer.build(variables)  # their slots exist before the step is traced
         self.loss_tracker = keras.metrics.Mean(name="loss")
         jit_compile = bool(model.jit_compile)
         self.train_step = tf.function(self._train_step, jit_compile=jit_compile, reduce_retracing=True)
@@ -137,6 +138,7 @@ def fit_with_gradient_tape(
         [*(callbacks or []), history], model=model, epochs=epochs, verbose=0, steps=None
     )
     model.stop_training = False
+    logs = {}
     callback_list.on_train_begin()
     for epoch in range(epochs):
         callback_list.on_epoch_begin(epoch)
