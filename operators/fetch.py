@@ -10,8 +10,8 @@ class FetchDatasetOperator(ShardlineOperator):
     """Fetch the spec's source into ``raw/<dataset>/<partition>/`` with a manifest.
 
     :param source_uri: fetch this CSV (path, ``file://``, ``http(s)://``, ``s3://``) instead of
-        the spec's source (templated). ``{partition}`` in it becomes the partition, so that a
-        backfill fetches each day's file: ``/landing/penguins-{partition}.csv``.
+        the spec's source (templated). ``{partition}`` in it becomes the partition, so that each
+        run fetches its day's delivery from a landing prefix: ``s3://landing/penguins-{partition}.csv``.
     """
 
     template_fields: Sequence[str] = (*ShardlineOperator.template_fields, "source_uri")
@@ -28,7 +28,6 @@ class FetchDatasetOperator(ShardlineOperator):
         spec = self.load_spec()
         layout = self.layout(context, spec)
         with self.failing_fast():
-            source_uri = self.source_uri.replace("{partition}", self.partition)
-            result = fetch_dataset(spec, layout.raw, partition=self.partition, source_uri=source_uri)
+            result = fetch_dataset(spec, layout.raw, partition=self.partition, source_uri=self.source_uri)
         self.log.info("Fetched %d rows from %s to %s", result.rows, result.source, result.data_uri)
         return self.finish(context, result, manifest=result.manifest_uri, rows=result.rows)

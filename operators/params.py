@@ -8,7 +8,7 @@ from tfjobs import choices
 from tfjobs.spec import PipelineSpec
 
 #: Params that override the spec's training settings, passed to TrainModelOperator.
-HYPERPARAMETER_NAMES = ("epochs", "batch_size", "learning_rate", "early_stopping_patience")
+HYPERPARAMETER_NAMES = ("epochs", "batch_size", "learning_rate", "early_stopping_patience", "loss", "loop")
 HYPERPARAMETERS = {name: "{{ params.%s }}" % name for name in HYPERPARAMETER_NAMES}
 
 
@@ -38,11 +38,22 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
             values_display=dict(choices.MODEL_KINDS),
             title="Model", description="Which model architecture to train.",
         ),
+        "loss": Param(
+            training.loss_for(spec.label.task), type="string", enum=list(choices.TASK_LOSSES[spec.label.task]),
+            values_display={name: choices.LOSSES[name] for name in choices.TASK_LOSSES[spec.label.task]},
+            title="Loss", description="What training minimizes.",
+        ),
+        "loop": Param(
+            training.loop, type="string", enum=sorted(choices.TRAINING_LOOPS),
+            values_display=dict(choices.TRAINING_LOOPS),
+            title="Training loop", description="Keras fit() or Shardline's custom GradientTape loop.",
+        ),
         # "null" too: the UI form requires every field whose type cannot be null, so "" would block Trigger.
         "source_uri": Param(
             "", type=["null", "string"], title="Source CSV",
             description="Fetch this CSV (path, file://, http(s)://, s3://) instead of the spec's source; "
-            "empty for the spec's. {partition} in it becomes the run's date, e.g. /landing/penguins-{partition}.csv.",
+            "empty for the spec's. {partition} in it becomes the run's date, to read one delivery per day "
+            "from a landing prefix: s3://landing/housing/{partition}.csv.",
         ),
         "force_retrain": Param(
             False, type="boolean", title="Retrain",

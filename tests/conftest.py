@@ -46,6 +46,35 @@ def tiny_spec(**overrides):
     return parse_spec(raw)
 
 
+def airflow_dags_test(home: Path, dag_id: str):
+    """``dags_test(date, conf=None)``: ``airflow dags test <dag_id>`` in a subprocess on a fresh SQLite home.
+
+    Returns the runner and the object store's root (``<home>/store``).
+    """
+    import json
+    import subprocess
+
+    store = home / "store"
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__SHARDLINE__STORE_URI": str(store),
+        "PYTHONPATH": str(ROOT),
+    }
+    airflow_bin = str(Path(sys.executable).parent / "airflow")
+    subprocess.run([airflow_bin, "db", "migrate"], env=env, check=True, capture_output=True)
+
+    def dags_test(date, conf=None):
+        command = [airflow_bin, "dags", "test", dag_id, date]
+        if conf:
+            command += ["--conf", json.dumps(conf)]
+        return subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, check=False)
+
+    return dags_test, store
+
+
 @pytest.fixture
 def store(tmp_path):
     return str(tmp_path / "store")

@@ -70,3 +70,9 @@ def test_adapt_is_not_repeated_on_the_same_shards(penguins_pipeline):
 def test_adapt_needs_finished_shards(penguins_spec, tmp_path):
     with pytest.raises(FileNotFoundError, match="run the shard step first"):
         adapt_preprocessing(penguins_spec, str(tmp_path / "manifest.json"), str(tmp_path / "out"))
+
+
+def test_values_rarer_than_min_frequency_stay_out_of_the_vocabulary():
+    counts = collections.Counter({"common": 30, "rare": 4, "": 2})
+    assert vocabulary_from_counts(counts, "", min_frequency=5) == (["common", ""], [30, 2])  # missing token kept
+    assert vocabulary_from_counts(counts, "", min_frequency=1)[0] == ["common", "rare", ""]

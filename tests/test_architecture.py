@@ -61,7 +61,7 @@ def test_tfjobs_imports_without_airflow_installed():
         "    return real(name, *a, **k)\n"
         "builtins.__import__ = guard\n"
         + "".join(f"import tfjobs.{job}\n" for job in JOBS)
-        + "import tfjobs.preprocessing, tfjobs.models\n"
+        + "import tfjobs.preprocessing, tfjobs.models, tfjobs.custom_loop\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
 

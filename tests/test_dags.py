@@ -38,7 +38,7 @@ def test_dagbag_has_no_import_errors():
 
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
-    assert "penguins" in bag.dag_ids
+    assert {"penguins", "housing"} <= set(bag.dag_ids)
 
 
 def test_penguins_dag_shape_and_trigger_form():
@@ -58,3 +58,35 @@ def test_penguins_dag_shape_and_trigger_form():
 
     with pytest.raises(ParamValidationError):
         params.get_param("epochs").resolve(0)
+
+
+def test_housing_dag_trigger_form_picks_model_loss_loop_and_landing_prefix():
+    from airflow.dag_processing.dagbag import DagBag
+
+    from tfjobs import choices
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "housing.py")).dags["housing"]
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "fetch", "validate", "shard", "adapt", "train", "evaluate", "export"
+    ]
+    params = dag.params
+    model = params.get_param("model").schema
+    assert model["enum"] == sorted(choices.MODEL_KINDS) and set(model["values_display"]) == set(model["enum"])
+    assert params.get_param("loss").schema["enum"] == ["mse", "huber"]
+    assert "threshold" in params.get_param("loss").schema["values_display"]["huber"]
+    assert params.get_param("loop").schema["enum"] == ["custom", "fit"]
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError, match="crossentropy"):
+        params.get_param("loss").resolve("crossentropy")  # not a regression loss
+    assert "{partition}" in params.get_param("source_uri").description
+    train, fetch = dag.get_task("train"), dag.get_task("fetch")
+    assert train.hyperparameters["loss"] == "{{ params.loss }}" and train.hyperparameters["loop"] == "{{ params.loop }}"
+    assert fetch.source_uri == "{{ params.source_uri or '' }}"
+
+
+def test_penguins_form_offers_only_classification_losses():
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "penguins.py")).dags["penguins"]
+    assert dag.params.get_param("loss").schema["enum"] == ["crossentropy"]

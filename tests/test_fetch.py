@@ -70,8 +70,19 @@ def test_landing_prefix_reads_the_partitions_file(tmp_path, store):
     (landing / "2026-11-24.csv").write_text(CSV)
     spec = tiny_spec(source={"kind": "landing", "uri": str(landing)})
     assert fetch_dataset(spec, f"{store}/raw", partition="2026-11-24").rows == 2
-    with pytest.raises(SourceNotFoundError, match="No delivery for partition 2026-11-25"):
+    with pytest.raises(SourceNotFoundError, match="No delivery for partition 2026-11-25: expected"):
         fetch_dataset(spec, f"{store}/raw", partition="2026-11-25")
+
+
+def test_partition_placeholder_in_source_uri_reads_one_delivery_per_day(tmp_path, store):
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "2026-11-24.csv").write_text(CSV)
+    source = f"{landing}/{{partition}}.csv"
+    result = fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-24", source_uri=source)
+    assert (result.rows, result.source) == (2, f"{landing}/2026-11-24.csv")
+    with pytest.raises(SourceNotFoundError, match=r"No delivery for partition 2026-11-25: expected .*2026-11-25\.csv"):
+        fetch_dataset(tiny_spec(), f"{store}/raw2", partition="2026-11-25", source_uri=source)
 
 
 def test_empty_csv_is_an_error(tmp_path, store):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import airflow_dags_test
 
 pytestmark = pytest.mark.slow
 DATE = "2026-11-25"
@@ -17,26 +17,7 @@ VERSION = 1795564800  # 2026-11-25T00:00:00Z in Unix seconds
 
 @pytest.fixture(scope="module")
 def airflow(tmp_path_factory):
-    home = tmp_path_factory.mktemp("airflow")
-    store = home / "store"
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__SHARDLINE__STORE_URI": str(store),
-        "PYTHONPATH": str(ROOT),
-    }
-    airflow_bin = str(Path(sys.executable).parent / "airflow")
-    subprocess.run([airflow_bin, "db", "migrate"], env=env, check=True, capture_output=True)
-
-    def dags_test(date, conf=None):
-        command = [airflow_bin, "dags", "test", "penguins", date]
-        if conf:
-            command += ["--conf", json.dumps(conf)]
-        return subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
-
-    return dags_test, store
+    return airflow_dags_test(tmp_path_factory.mktemp("airflow"), "penguins")
 
 
 def snapshot(directory: Path) -> dict[str, int]:

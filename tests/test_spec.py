@@ -32,6 +32,12 @@ def test_errors_name_the_file_and_the_field(tmp_path):
         ({"trainig": {}}, r"unknown top-level fields \['trainig'\]"),
         ({"training": {"epoch": 3}}, r"training has unknown fields \['epoch'\]"),
         ({"source": {"kind": "csv"}}, "needs source.uri"),
+        ({"training": {"loop": "sgd"}}, r"training\.loop 'sgd' is not one of \['custom', 'fit'\]"),
+        ({"training": {"loss": "mae"}}, r"training\.loss 'mae' is not one of"),
+        ({"training": {"loss": "huber"}}, r"'huber' does not fit a classification task; choose one of \['crossentropy'\]"),
+        ({"training": {"huber_delta": 0}}, r"training\.huber_delta must be positive"),
+        ({"training": {"jit_compile": "maybe"}}, r"training\.jit_compile 'maybe'"),
+        ({"features": {"c": {"kind": "categorical", "min_frequency": 0}}}, r"features\.c\.min_frequency must be"),
     ],
 )
 def test_bad_specs_are_rejected_with_the_field_named(change, message):
@@ -51,6 +57,17 @@ def test_training_overrides_are_cast_and_checked():
         TrainingSpec().with_overrides({"epoch": 3})
     with pytest.raises(SpecError, match="'batch_size' must be int, got 'many'"):
         TrainingSpec().with_overrides({"batch_size": "many"})
+
+
+def test_loss_loop_and_xla_settings_come_from_the_spec_or_overrides():
+    regression = parse_spec({**_minimal(), "training": {"loss": "huber", "huber_delta": 2.0, "jit_compile": True}})
+    assert (regression.training.loss_for("regression"), regression.training.jit_compile) == ("huber", "true")
+    assert parse_spec(_minimal()).training.loss_for("regression") == "mse"  # the task's default
+    assert tiny_spec().training.loss_for("classification") == "crossentropy"
+    settings = regression.training.with_overrides({"loop": "custom", "loss": "mse", "wide_learning_rate": "0.1"})
+    assert (settings.loop, settings.loss, settings.wide_learning_rate) == ("custom", "mse", 0.1)
+    with pytest.raises(SpecError, match="training.loop 'tape'"):
+        settings.with_overrides({"loop": "tape"})
 
 
 def test_fingerprint_follows_content(penguins_spec):

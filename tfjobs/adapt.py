@@ -6,7 +6,10 @@ For every feature of the spec, over the train split only:
   present, min and max: what ``keras.layers.Normalization`` needs;
 - categorical / integer categorical: the vocabulary, most frequent first (ties by
   value), with counts, plus the missing token: what ``StringLookup`` /
-  ``IntegerLookup`` need;
+  ``IntegerLookup`` need. Values seen fewer than the feature's ``min_frequency``
+  times stay out of the vocabulary: they share the out-of-vocabulary index with
+  values never seen, which gives that index training examples (the state counts
+  them under ``infrequent``);
 - the label: class counts, or mean and standard deviation for regression.
 
 Why not call ``layer.adapt()`` on each layer: ``Normalization.adapt`` turns a single
@@ -76,9 +79,16 @@ class RunningMoments:
         return self.m2 / self.count if self.count else 0.0
 
 
-def vocabulary_from_counts(counts: collections.Counter, missing_token) -> tuple[list, list[int]]:
-    """Most frequent first, ties by value; the missing token always has an index of its own."""
+def vocabulary_from_counts(
+    counts: collections.Counter, missing_token, min_frequency: int = 1
+) -> tuple[list, list[int]]:
+    """Most frequent first, ties by value; the missing token always has an index of its own.
+
+    Values seen fewer than ``min_frequency`` times are left out (they will look up
+    as out-of-vocabulary).
+    """
     items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    items = [(k, c) for k, c in items if c >= min_frequency or k == missing_token]
     if missing_token not in counts:
         items.append((missing_token, 0))
     return [k for k, _ in items], [c for _, c in items]
@@ -139,14 +149,23 @@ def adapt_preprocessing(spec: PipelineSpec, shards_manifest_uri: str, output_uri
             }
         else:
             token = MISSING_STRING if feature.kind == "categorical" else MISSING_INTEGER
-            vocabulary, vocabulary_counts = vocabulary_from_counts(counts[feature.name], token)
+            vocabulary, vocabulary_counts = vocabulary_from_counts(counts[feature.name], token, feature.min_frequency)
+            kept = set(vocabulary)
+            infrequent = {k: c for k, c in counts[feature.name].items() if k not in kept}
             features[feature.name] = {
                 "kind": feature.kind,
                 "vocabulary": vocabulary,
                 "counts": vocabulary_counts,
                 "missing_token": token,
                 "missing": counts[feature.name][token],
+                "infrequent": {"min_frequency": feature.min_frequency, "values": len(infrequent),
+                               "rows": sum(infrequent.values())},
             }
+            if infrequent:
+                log.info(
+                    "%s: %d values seen fewer than %d times (%d rows) share the out-of-vocabulary index",
+                    feature.name, len(infrequent), feature.min_frequency, sum(infrequent.values()),
+                )
     if spec.label.task == "classification":
         label = {
             "name": spec.label.name,

@@ -54,10 +54,17 @@ class FetchResult:
 
 
 def fetch_dataset(spec: PipelineSpec, output_uri: str, partition: str = "", source_uri: str = "") -> FetchResult:
-    """Fetch the spec's source (or ``source_uri``, a CSV) into ``output_uri``."""
+    """Fetch the spec's source (or ``source_uri``, a CSV) into ``output_uri``.
+
+    ``{partition}`` in ``source_uri`` becomes the partition, which reads one file per
+    day from a landing prefix: ``s3://landing/housing/{partition}.csv``.
+    """
     source = spec.source
     if source_uri:
-        source = SourceSpec(kind="csv", uri=source_uri)
+        if "{partition}" in source_uri:
+            source = SourceSpec(kind="landing", pattern=source_uri)
+        else:
+            source = SourceSpec(kind="csv", uri=source_uri)
     with staging_dir() as tmp:
         local = tmp / DATA_FILE
         description = _fetch_source(source, partition, local)
@@ -111,14 +118,12 @@ def _fetch_source(source: SourceSpec, partition: str, target: Path) -> str:
     if source.kind == "landing":
         if not partition:
             raise ValueError("A landing source needs a partition (the run's logical date)")
-        uri = join(source.uri, source.pattern.format(partition=partition))
+        uri = source.pattern.replace("{partition}", partition)
+        uri = join(source.uri, uri) if source.uri else uri
         try:
             return _copy_uri(uri, target)
         except FileNotFoundError:
-            raise SourceNotFoundError(
-                f"No delivery for partition {partition} in landing prefix {redact(source.uri)}: "
-                f"expected {redact(uri)}"
-            ) from None
+            raise SourceNotFoundError(f"No delivery for partition {partition}: expected {redact(uri)}") from None
     return _copy_uri(source.uri, target)
 
 
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", required=True, help="pipeline spec YAML")
     parser.add_argument("--output", required=True, help="output prefix URI, e.g. <store>/raw/<dataset>/<partition>")
     parser.add_argument("--partition", default="", help="the partition (logical date) to fetch")
-    parser.add_argument("--source", default="", help="fetch this CSV URI instead of the spec's source")
+    parser.add_argument("--source", default="",
+                        help="fetch this CSV URI instead of the spec's source; {partition} in it becomes --partition")
     args = cli.parse(parser, argv)
     result = fetch_dataset(load_spec(args.spec), args.output, partition=args.partition, source_uri=args.source)
     cli.print_result(result)

@@ -7,7 +7,14 @@ the input pipeline and in the exported inference model, so the same model also
 trains under ``KERAS_BACKEND=jax``.
 
 Model kinds are registered by name with :func:`register_model`; the spec's
-``model.kind`` (or the ``model`` Param in the Airflow UI) picks one.
+``model.kind`` (or the ``model`` Param in the Airflow UI) picks one. Besides the
+functional ``mlp``, the subclassed models of :mod:`tfjobs.subclassed_models`
+(``residual``, ``wide_deep``, ``reconstruction``) take their options from the
+spec's ``model:`` section.
+
+Importing this module registers every Shardline Keras object a training model can
+hold (layers, models, losses, metrics), so a ``training_model.keras`` file reloads
+in a fresh process after ``import tfjobs.models``.
 """
 
 from __future__ import annotations
@@ -16,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
-from keras import layers, ops
+from keras import layers
 
-from tfjobs import choices
+from tfjobs import choices, losses, metrics  # noqa: F401  (losses, metrics: registered for compile configs)
+from tfjobs.layers import NUMERIC, FeatureVector
 from tfjobs.spec import ModelSpec, PipelineSpec
-
-NUMERIC = "numeric"  # the key of the stacked numeric features in the encoded inputs
+from tfjobs.subclassed_models import ReconstructingModel, ResidualModel, WideAndDeepModel
 
 
 @dataclass(frozen=True)
@@ -29,21 +36,23 @@ class ModelKind:
     name: str
     description: str
     build: Callable[..., keras.Model]
+    options: tuple[str, ...] = ()  # the spec's model options this kind reads
 
 
 MODEL_KINDS: dict[str, ModelKind] = {}
 
 
-def register_model(name: str):
+def register_model(name: str, options: tuple[str, ...] = ()):
     """Register a builder ``build(inputs, features, model_spec, outputs) -> keras.Model``.
 
-    ``name`` must be listed, with its description, in :data:`tfjobs.choices.MODEL_KINDS`.
+    ``name`` must be listed, with its description, in :data:`tfjobs.choices.MODEL_KINDS`;
+    ``options`` names the extra ``model:`` settings of the spec the builder reads.
     """
     if name not in choices.MODEL_KINDS:
         raise ValueError(f"Model kind {name!r} is not described in tfjobs.choices.MODEL_KINDS")
 
     def decorator(build):
-        MODEL_KINDS[name] = ModelKind(name, choices.MODEL_KINDS[name], build)
+        MODEL_KINDS[name] = ModelKind(name, choices.MODEL_KINDS[name], build, tuple(options))
         return build
 
     return decorator
@@ -78,15 +87,19 @@ def model_inputs(features: EncodedFeatures) -> dict[str, keras.KerasTensor]:
     return inputs
 
 
+def feature_arguments(features: EncodedFeatures) -> dict:
+    """The arguments of :class:`tfjobs.layers.FeatureVector` and the subclassed models."""
+    return {
+        "numeric_width": features.numeric,
+        "vocabulary_sizes": features.vocabulary_sizes,
+        "encodings": features.encodings,
+        "embedding_dims": features.embedding_dims,
+    }
+
+
 def feature_vector(inputs: dict, features: EncodedFeatures):
     """Numeric columns and every categorical one-hot or embedded, side by side."""
-    parts = [inputs[NUMERIC]] if features.numeric else []
-    for name, size in features.vocabulary_sizes.items():
-        if features.encodings[name] == "embedding":
-            parts.append(layers.Embedding(size, features.embedding_dims[name], name=f"embed_{name}")(inputs[name]))
-        else:
-            parts.append(ops.one_hot(inputs[name], size))
-    return parts[0] if len(parts) == 1 else layers.Concatenate(name="features")(parts)
+    return FeatureVector(**feature_arguments(features), name="features")(inputs)
 
 
 def output_head(x, outputs: int):
@@ -106,9 +119,48 @@ def build_mlp(inputs: dict, features: EncodedFeatures, model_spec: ModelSpec, ou
     return keras.Model(inputs, output_head(x, outputs), name="mlp")
 
 
+def given_options(model_spec: ModelSpec, *names: str) -> dict:
+    """The spec's model options among ``names`` (the model class has the defaults)."""
+    return {name: model_spec.options[name] for name in names if name in model_spec.options}
+
+
+@register_model("residual", options=("repeats", "noise_stddev"))
+def build_residual(inputs: dict, features: EncodedFeatures, model_spec: ModelSpec, outputs: int) -> keras.Model:
+    """Width: the first of ``hidden_units``."""
+    return ResidualModel(
+        **feature_arguments(features), output_units=outputs, name="residual",
+        units=model_spec.hidden_units[0] if model_spec.hidden_units else 64, dropout=model_spec.dropout,
+        **given_options(model_spec, "repeats", "noise_stddev"),
+    )
+
+
+@register_model("wide_deep", options=("wide_penalty", "max_norm"))
+def build_wide_deep(inputs: dict, features: EncodedFeatures, model_spec: ModelSpec, outputs: int) -> keras.Model:
+    return WideAndDeepModel(
+        **feature_arguments(features), output_units=outputs, name="wide_deep", hidden_units=model_spec.hidden_units,
+        **given_options(model_spec, "wide_penalty", "max_norm"),
+    )
+
+
+@register_model("reconstruction", options=("noise_stddev", "reconstruction_weight"))
+def build_reconstruction(inputs: dict, features: EncodedFeatures, model_spec: ModelSpec, outputs: int) -> keras.Model:
+    return ReconstructingModel(
+        **feature_arguments(features), output_units=outputs, name="reconstruction",
+        hidden_units=model_spec.hidden_units, **given_options(model_spec, "noise_stddev", "reconstruction_weight"),
+    )
+
+
 def build_training_model(spec: PipelineSpec, features: EncodedFeatures, kind: str = "") -> keras.Model:
     kind = kind or spec.model.kind
     if kind not in MODEL_KINDS:
         raise ValueError(f"Unknown model kind {kind!r}; registered kinds: {sorted(MODEL_KINDS)}")
+    # The spec's options may serve other kinds (the form can pick any kind), but a name no kind reads is a typo.
+    known = {option for registered in MODEL_KINDS.values() for option in registered.options}
+    unknown = set(spec.model.options) - known
+    if unknown:
+        raise ValueError(
+            f"The spec's model options {sorted(unknown)} are read by no model kind; known options: {sorted(known)} "
+            "(besides kind, hidden_units and dropout)"
+        )
     outputs = len(spec.label.classes) if spec.label.task == "classification" else 1
     return MODEL_KINDS[kind].build(model_inputs(features), features, spec.model, outputs)

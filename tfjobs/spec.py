@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from tfjobs import choices
+
 FEATURE_KINDS = {
     "numeric": "a float; normalized with the training mean and variance",
     "categorical": "a string category; looked up in the training vocabulary",
@@ -63,6 +65,9 @@ class FeatureSpec:
     missing: str = "impute"
     encoding: str = "one_hot"  # categorical kinds: one_hot | embedding
     embedding_dim: int = 8
+    # Categorical kinds: values seen fewer times than this in training share the
+    # out-of-vocabulary index with values never seen, so that index gets trained.
+    min_frequency: int = 1
     description: str = ""
 
     @property
@@ -117,6 +122,32 @@ class TrainingSpec:
     early_stopping_patience: int = 5
     shuffle_buffer: int = 10_000
     seed: int = 42
+    loss: str = ""  # one of tfjobs.choices.TASK_LOSSES[task]; empty: the task's default
+    huber_delta: float = 1.0  # the Huber loss's threshold, in training label units
+    loop: str = "fit"  # fit | custom (tfjobs.custom_loop); see tfjobs.choices.TRAINING_LOOPS
+    wide_learning_rate: float = 0.01  # custom loop: SGD's learning rate for a wide & deep model's wide part
+    jit_compile: str = "auto"  # auto | true | false: XLA for the training step
+
+    def __post_init__(self):
+        object.__setattr__(self, "jit_compile", str(self.jit_compile).lower())
+        if self.loop not in choices.TRAINING_LOOPS:
+            raise SpecError(f"training.loop {self.loop!r} is not one of {sorted(choices.TRAINING_LOOPS)}")
+        if self.loss and self.loss not in choices.LOSSES:
+            raise SpecError(f"training.loss {self.loss!r} is not one of {sorted(choices.LOSSES)}")
+        if self.jit_compile not in choices.JIT_COMPILE:
+            raise SpecError(f"training.jit_compile {self.jit_compile!r} is not one of {choices.JIT_COMPILE}")
+        for name in ("huber_delta", "wide_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise SpecError(f"training.{name} must be positive, got {getattr(self, name)!r}")
+
+    def loss_for(self, task: str) -> str:
+        """The loss to train with: the one set, or the task's default; an error if the task cannot use it."""
+        allowed = choices.TASK_LOSSES[task]
+        if not self.loss:
+            return allowed[0]
+        if self.loss not in allowed:
+            raise SpecError(f"training.loss {self.loss!r} does not fit a {task} task; choose one of {list(allowed)}")
+        return self.loss
 
     def with_overrides(self, overrides: dict[str, Any] | None) -> TrainingSpec:
         """A copy with ``overrides`` applied, each coerced to the field's type.
@@ -132,7 +163,7 @@ class TrainingSpec:
         for key, value in overrides.items():
             if key not in types:
                 raise SpecError(f"Unknown training setting {key!r}; known settings: {sorted(types)}")
-            caster = {"int": int, "float": float}[types[key]]
+            caster = {"int": int, "float": float, "str": str}[types[key]]
             try:
                 changes[key] = caster(value)
             except (TypeError, ValueError):
@@ -225,6 +256,8 @@ def parse_spec(raw: Any) -> PipelineSpec:
     label = _parse_label(_required(raw, "label", dict))
     if label.name in features_raw:
         raise SpecError(f"label {label.name!r} is also listed as a feature")
+    training = _build(TrainingSpec, raw.get("training") or {}, "training")
+    training.loss_for(label.task)
     source = _build(SourceSpec, _required(raw, "source", dict), "source")
     if source.kind not in SOURCE_KINDS:
         raise SpecError(f"source.kind {source.kind!r} is not one of {SOURCE_KINDS}")
@@ -259,7 +292,7 @@ def parse_spec(raw: Any) -> PipelineSpec:
         na_values=na_values,
         max_quarantine_fraction=float(raw.get("max_quarantine_fraction", PipelineSpec.max_quarantine_fraction)),
         model=_build(ModelSpec, model_raw, "model"),
-        training=_build(TrainingSpec, raw.get("training") or {}, "training"),
+        training=training,
         evaluation=_build(EvaluationSpec, raw.get("evaluation") or {}, "evaluation"),
         serving_name=str(raw.get("serving_name", "")),
     )
@@ -280,6 +313,8 @@ def _parse_feature(name: str, raw: Any) -> FeatureSpec:
         raise SpecError(f"features.{name}.missing {feature.missing!r} is not one of {sorted(MISSING_POLICIES)}")
     if feature.encoding not in CATEGORICAL_ENCODINGS:
         raise SpecError(f"features.{name}.encoding {feature.encoding!r} is not one of {CATEGORICAL_ENCODINGS}")
+    if not isinstance(feature.min_frequency, int) or feature.min_frequency < 1:
+        raise SpecError(f"features.{name}.min_frequency must be an integer >= 1, got {feature.min_frequency!r}")
     return feature
 
 

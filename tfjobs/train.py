@@ -1,4 +1,4 @@
-"""Train a Keras model on the shards with ``fit()``.
+"""Train a Keras model on the shards with ``fit()`` or the custom GradientTape loop.
 
 Inputs: the shard manifest, the adapted preprocessing state and the spec (with
 hyperparameter overrides, e.g. from Airflow Params). Outputs, under the run's
@@ -11,8 +11,11 @@ hyperparameter overrides, e.g. from Airflow Params). Outputs, under the run's
     training_curve.png       loss and metric curves
     training.json            summary, written last
 
-A visible GPU is used with memory growth on; with several GPUs training runs
-under ``tf.distribute.MirroredStrategy``. A re-run with the same inputs and
+The training setting ``loop`` picks ``fit()`` or :mod:`tfjobs.custom_loop`
+(same loss, metrics, callbacks and outputs; two optimizers for a wide & deep
+model); ``loss`` picks the loss (``mse`` or :class:`tfjobs.losses.HuberLoss` for
+regression). A visible GPU is used with memory growth on; with several GPUs
+``fit()`` runs under ``tf.distribute.MirroredStrategy``. A re-run with the same inputs and
 hyperparameters rewrites nothing unless ``force`` is set.
 
 Beyond one machine: when ``TF_CONFIG`` describes a cluster of several tasks, the
@@ -198,15 +201,23 @@ def configure_devices():
 
 
 def compile_for_task(model, spec: PipelineSpec, settings: TrainingSpec) -> None:
+    """Adam, the spec's loss and the task's streaming metrics; ``fit()`` and the custom loop both use them."""
     import keras
 
+    from tfjobs.losses import HuberLoss
+    from tfjobs.metrics import HuberMetric
+
+    loss_name = settings.loss_for(spec.label.task)
     if spec.label.task == "classification":
         loss = keras.losses.SparseCategoricalCrossentropy()
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
     else:
-        loss = keras.losses.MeanSquaredError()
-        metrics = [keras.metrics.RootMeanSquaredError(name="rmse")]
-    model.compile(optimizer=keras.optimizers.Adam(settings.learning_rate), loss=loss, metrics=metrics)
+        loss = HuberLoss(settings.huber_delta) if loss_name == "huber" else keras.losses.MeanSquaredError()
+        metrics = [keras.metrics.RootMeanSquaredError(name="rmse"), HuberMetric(settings.huber_delta, name="huber")]
+    jit_compile = {"auto": "auto", "true": True, "false": False}[settings.jit_compile]
+    model.compile(
+        optimizer=keras.optimizers.Adam(settings.learning_rate), loss=loss, metrics=metrics, jit_compile=jit_compile
+    )
 
 
 def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs, out_dir) -> dict:
@@ -218,6 +229,11 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
 
     strategy = configure_devices()
     multi_worker = cluster_task() is not None
+    if settings.loop == "custom" and strategy.num_replicas_in_sync > 1:
+        raise ValueError(
+            f"The custom loop trains on one device and {strategy.num_replicas_in_sync} replicas are in sync: "
+            "use loop=fit, or limit the task to one GPU (CUDA_VISIBLE_DEVICES) and one worker"
+        )
     keras.utils.set_random_seed(settings.seed)
     state = read_json(args.state_uri)
     preprocessor = FeaturePreprocessor(state)
@@ -259,13 +275,23 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
         ]
         (out_dir / "checkpoints").mkdir()
         log.info(
-            "Training %s on %d records (%d for validation, shards read %s): %s",
-            kind, train_shards.records, eval_shards.records, train_shards.mode, settings,
+            "Training %s with %s on %d records (%d for validation, shards read %s): %s",
+            kind, "the custom loop" if settings.loop == "custom" else "fit()",
+            train_shards.records, eval_shards.records, train_shards.mode, settings,
         )
-        # shuffle=False: the input pipeline already shuffles files and records each epoch.
-        history = model.fit(
-            train_data, validation_data=eval_data, epochs=settings.epochs, callbacks=callbacks, shuffle=False, verbose=0
-        )
+        if settings.loop == "custom":
+            from tfjobs.custom_loop import fit_with_gradient_tape
+
+            history = fit_with_gradient_tape(
+                model, train_data, validation_data=eval_data, epochs=settings.epochs, callbacks=callbacks,
+                wide_learning_rate=settings.wide_learning_rate,
+            )
+        else:
+            # shuffle=False: the input pipeline already shuffles files and records each epoch.
+            history = model.fit(
+                train_data, validation_data=eval_data, epochs=settings.epochs, callbacks=callbacks, shuffle=False,
+                verbose=0,
+            )
     model.save(out_dir / MODEL_FILE)
     epochs = history.history
     (out_dir / "history.json").write_text(json.dumps(epochs, indent=2) + "\n")
@@ -274,6 +300,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
     return {
         "dataset": spec.name,
         "model_kind": kind,
+        "loop": settings.loop,
         "settings": settings.__dict__,
         "epochs_run": len(epochs["val_loss"]),
         "best_epoch": best + 1,

@@ -1,0 +1,56 @@
+"""California housing, daily: fetch -> validate -> shard -> adapt -> train -> evaluate -> export.
+
+A regression on numeric features with missing values and one rare-valued
+category. Trigger it from the UI to pick the model (functional MLP or a
+subclassed residual, wide & deep or reconstructing model), the loss (MSE or
+Huber) and the training loop (``fit()`` or the custom GradientTape loop that
+trains a wide & deep model's two parts with two optimizers). Each run fetches
+the partition of its logical date: the spec's CSV, another CSV (``source_uri``),
+or that day's delivery under a landing prefix (``source_uri`` with ``{partition}``).
+"""
+
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import DAG, chain
+
+from operators import (
+    AdaptPreprocessingOperator,
+    EvaluateModelOperator,
+    ExportServingModelOperator,
+    FetchDatasetOperator,
+    ShardToTFRecordOperator,
+    TrainModelOperator,
+    ValidateDatasetOperator,
+)
+from operators.base import read_spec
+from operators.params import HYPERPARAMETERS, training_params
+
+SPEC = Path(__file__).parents[1] / "include" / "housing.yaml"
+
+with DAG(
+    dag_id="housing",
+    description="California housing prices, from a daily CSV delivery to a TF Serving model (dollars in, dollars out)",
+    schedule="@daily",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    params=training_params(read_spec(SPEC)),
+    default_args={"spec": SPEC, "retries": 1},
+    tags=["shardline", "regression"],
+    doc_md=__doc__,
+):
+    chain(
+        FetchDatasetOperator(task_id="fetch", source_uri="{{ params.source_uri or '' }}"),
+        ValidateDatasetOperator(task_id="validate"),
+        ShardToTFRecordOperator(task_id="shard"),
+        AdaptPreprocessingOperator(task_id="adapt"),
+        TrainModelOperator(
+            task_id="train",
+            hyperparameters=HYPERPARAMETERS,
+            model_kind="{{ params.model }}",
+            force="{{ params.force_retrain }}",
+        ),
+        EvaluateModelOperator(task_id="evaluate"),
+        ExportServingModelOperator(task_id="export"),
+    )

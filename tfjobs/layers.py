@@ -1,0 +1,311 @@
+"""Custom Keras layers and weight hooks for training models, backend-agnostic (``keras.ops``).
+
+What a training model is made of when stock layers are not enough:
+
+- :class:`FeatureVector`: the encoded features (what
+  :class:`tfjobs.preprocessing.FeaturePreprocessor` outputs) as one float vector:
+  the numeric block, then each categorical index one-hot or through a trainable
+  ``Embedding``;
+- :class:`DenseLayer`: a dense layer that creates its weights in ``build()`` with
+  a custom initializer, regularizer and constraint;
+- :class:`TrainingNoise`: Gaussian noise added only when ``training=True``;
+- :class:`ResidualBlock`: ``x + f(x)`` at constant width, so one block can be
+  applied several times;
+- weight hooks: :class:`FanInNormal` (initializer), :class:`GroupLasso`
+  (regularizer) and :class:`ColumnNormCap` (constraint).
+
+Every class is registered with ``register_keras_serializable(package="shardline")``
+and keeps its arguments in ``get_config``: a ``.keras`` file that uses them reloads
+without ``custom_objects`` once this module is imported (Keras does not import
+modules outside ``keras`` by itself; importing :mod:`tfjobs.models` imports this one).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import keras
+from keras import layers, ops
+
+NUMERIC = "numeric"  # the key of the stacked numeric features in the encoded inputs
+
+serializable = keras.saving.register_keras_serializable(package="shardline")
+
+
+@serializable
+class FanInNormal(keras.initializers.Initializer):
+    """Normal weights with standard deviation ``scale / sqrt(fan_in)``.
+
+    ``scale=sqrt(2)`` keeps the variance of ReLU activations constant from layer to
+    layer (He et al. 2015); ``scale=1`` suits linear layers.
+    """
+
+    def __init__(self, scale: float = 1.0, seed: int | None = None):
+        if not scale > 0:
+            raise ValueError(f"FanInNormal needs a positive scale, got {scale!r}")
+        self.scale = float(scale)
+        self.seed = seed
+        # Unseeded: a seed of its own from Python's generator (seeded by keras.utils.set_random_seed),
+        # as Keras' own initializers do. Like theirs, one instance reused by several layers repeats itself.
+        self._seed = seed if seed is not None else random.randint(1, 10**9)
+
+    def __call__(self, shape, dtype=None):
+        fan_in = math.prod(shape[:-1]) if len(shape) > 1 else shape[0]
+        stddev = self.scale / math.sqrt(max(fan_in, 1))
+        return keras.random.normal(shape, stddev=stddev, dtype=dtype, seed=self._seed)
+
+    def get_config(self):
+        return {"scale": self.scale, "seed": self.seed}
+
+
+@serializable
+class GroupLasso(keras.regularizers.Regularizer):
+    """``factor * sum_i ||W[i, :]||_2``: a penalty on each input's whole row of weights.
+
+    Unlike L2 it pushes the weights of a useless input feature to exactly zero
+    together (feature selection), which suits the linear "wide" part of a wide &
+    deep model.
+    """
+
+    def __init__(self, factor: float = 1e-3):
+        if factor < 0:
+            raise ValueError(f"GroupLasso needs a factor >= 0, got {factor!r}")
+        self.factor = float(factor)
+
+    def __call__(self, weights):
+        if len(weights.shape) < 2:
+            weights = ops.expand_dims(weights, -1)
+        # The epsilon keeps the gradient finite when a row is exactly zero.
+        row_norms = ops.sqrt(ops.sum(ops.square(weights), axis=-1) + 1e-12)
+        return self.factor * ops.sum(row_norms)
+
+    def get_config(self):
+        return {"factor": self.factor}
+
+
+@serializable
+class ColumnNormCap(keras.constraints.Constraint):
+    """Rescale each unit's incoming weights (a kernel column) to an L2 norm of at most ``max_norm``.
+
+    Optimizers apply a variable's constraint right after each update, in ``fit()``
+    and in :mod:`tfjobs.custom_loop` alike.
+    """
+
+    def __init__(self, max_norm: float = 3.0):
+        if not max_norm > 0:
+            raise ValueError(f"ColumnNormCap needs a positive max_norm, got {max_norm!r}")
+        self.max_norm = float(max_norm)
+
+    def __call__(self, weights):
+        norms = ops.sqrt(ops.sum(ops.square(weights), axis=0, keepdims=True))
+        # Columns within the cap are left exactly as they are (keras.constraints.MaxNorm
+        # scales every column by norm / (norm + epsilon), a drift at each update).
+        scale = ops.where(norms > self.max_norm, self.max_norm / ops.maximum(norms, self.max_norm), 1.0)
+        return weights * ops.cast(scale, weights.dtype)
+
+    def get_config(self):
+        return {"max_norm": self.max_norm}
+
+
+@serializable
+class DenseLayer(layers.Layer):
+    """``activation(inputs @ kernel + bias)`` whose kernel takes an initializer, a regularizer and a constraint.
+
+    The weights are created in ``build()``, once the input width is known; the
+    initializer defaults to :class:`FanInNormal` (scaled for the activation).
+    """
+
+    def __init__(
+        self,
+        units: int,
+        activation=None,
+        use_bias: bool = True,
+        kernel_initializer=None,
+        kernel_regularizer=None,
+        kernel_constraint=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if int(units) < 1:
+            raise ValueError(f"DenseLayer needs at least one unit, got {units!r}")
+        self.units = int(units)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = use_bias
+        if kernel_initializer is None:
+            kernel_initializer = FanInNormal(scale=math.sqrt(2.0) if activation == "relu" else 1.0)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_shape[-1], self.units),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+        )
+        self.bias = self.add_weight(name="bias", shape=(self.units,), initializer="zeros") if self.use_bias else None
+
+    def call(self, inputs):
+        outputs = ops.matmul(inputs, self.kernel)
+        if self.bias is not None:
+            outputs = outputs + self.bias
+        return self.activation(outputs)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.units)
+
+    def get_config(self):
+        config = {
+            "units": self.units,
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+            "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
+        }
+        base_config = super().get_config()
+        return {**base_config, **config}
+
+
+@serializable
+class TrainingNoise(layers.Layer):
+    """Adds Gaussian noise with standard deviation ``stddev`` when ``training=True``; the identity otherwise.
+
+    Inference (evaluation, export, serving) never sees noise, so predictions are
+    deterministic and the serving skew check compares like with like.
+    """
+
+    def __init__(self, stddev: float, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if stddev < 0:
+            raise ValueError(f"TrainingNoise needs stddev >= 0, got {stddev!r}")
+        self.stddev = float(stddev)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def call(self, inputs, training=False):
+        if training and self.stddev > 0:
+            noise = keras.random.normal(ops.shape(inputs), stddev=self.stddev, dtype=inputs.dtype,
+                                        seed=self.seed_generator)
+            return inputs + noise
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = {"stddev": self.stddev, "seed": self.seed}
+        base_config = super().get_config()
+        return {**base_config, **config}
+
+
+@serializable
+class ResidualBlock(layers.Layer):
+    """``LayerNorm(x + W2 relu(W1 x))`` at the width ``units`` of its input.
+
+    The output has the width of the input, so a model can apply the same block (the
+    same weights) several times.
+    """
+
+    def __init__(self, units: int, hidden_units: int | None = None, dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.units = int(units)
+        self.hidden_units = int(hidden_units or 2 * units)
+        self.dropout = float(dropout)
+        self.expand = DenseLayer(self.hidden_units, activation="relu", name="expand")
+        # A small initial residual branch: the block starts close to the identity.
+        self.project = DenseLayer(self.units, kernel_initializer=FanInNormal(scale=0.1), name="project")
+        self.drop = layers.Dropout(self.dropout, name="dropout")
+        self.norm = layers.LayerNormalization(name="norm")
+
+    def build(self, input_shape):
+        if input_shape[-1] != self.units:
+            raise ValueError(
+                f"ResidualBlock '{self.name}' has width {self.units} but its input has width {input_shape[-1]}: "
+                "project the input to the block's width first"
+            )
+        self.expand.build(input_shape)
+        self.project.build((*input_shape[:-1], self.hidden_units))
+        self.norm.build(input_shape)
+
+    def call(self, inputs, training=False):
+        residual = self.project(self.drop(self.expand(inputs), training=training))
+        return self.norm(inputs + residual)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = {"units": self.units, "hidden_units": self.hidden_units, "dropout": self.dropout}
+        base_config = super().get_config()
+        return {**base_config, **config}
+
+
+@serializable
+class FeatureVector(layers.Layer):
+    """Encoded features -> ``[batch, width]`` floats: the numeric block, then each categorical feature.
+
+    ``vocabulary_sizes`` are the lookup sizes (OOV index included); a categorical
+    feature whose ``encodings`` entry is ``"embedding"`` goes through a trainable
+    ``Embedding`` of ``embedding_dims[name]`` columns, any other is one-hot.
+    """
+
+    def __init__(
+        self,
+        numeric_width: int,
+        vocabulary_sizes: dict[str, int],
+        encodings: dict[str, str] | None = None,
+        embedding_dims: dict[str, int] | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.numeric_width = int(numeric_width)
+        self.vocabulary_sizes = {name: int(size) for name, size in vocabulary_sizes.items()}
+        self.encodings = {name: (encodings or {}).get(name, "one_hot") for name in self.vocabulary_sizes}
+        self.embedding_dims = {name: int(dim) for name, dim in (embedding_dims or {}).items()}
+        if not self.numeric_width and not self.vocabulary_sizes:
+            raise ValueError("FeatureVector needs numeric features or categorical features, got neither")
+        self.embeddings = {
+            name: layers.Embedding(size, self.embedding_dims.get(name, 8), name=f"embed_{name}")
+            for name, size in self.vocabulary_sizes.items()
+            if self.encodings[name] == "embedding"
+        }
+
+    @property
+    def width(self) -> int:
+        return self.numeric_width + sum(
+            self.embeddings[name].output_dim if name in self.embeddings else size
+            for name, size in self.vocabulary_sizes.items()
+        )
+
+    def build(self, input_shape=None):
+        for embedding in self.embeddings.values():
+            embedding.build((None,))
+
+    def call(self, inputs):
+        parts = [ops.cast(inputs[NUMERIC], self.compute_dtype)] if self.numeric_width else []
+        for name, size in self.vocabulary_sizes.items():
+            indices = inputs[name]
+            if name in self.embeddings:
+                parts.append(self.embeddings[name](indices))
+            else:
+                parts.append(ops.one_hot(ops.cast(indices, "int32"), size, dtype=self.compute_dtype))
+        return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        batch = input_shape[NUMERIC][0] if self.numeric_width else next(iter(input_shape.values()))[0]
+        return (batch, self.width)
+
+    def get_config(self):
+        config = {
+            "numeric_width": self.numeric_width,
+            "vocabulary_sizes": self.vocabulary_sizes,
+            "encodings": self.encodings,
+            "embedding_dims": self.embedding_dims,
+        }
+        base_config = super().get_config()
+        return {**base_config, **config}
