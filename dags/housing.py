@@ -12,19 +12,11 @@ or that day's delivery under a landing prefix (``source_uri`` with ``{partition}
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import DAG, chain
+from airflow.sdk import DAG
 
-from operators import (
-    AdaptPreprocessingOperator,
-    EvaluateModelOperator,
-    ExportServingModelOperator,
-    FetchDatasetOperator,
-    ShardToTFRecordOperator,
-    TrainModelOperator,
-    ValidateDatasetOperator,
-)
 from operators.base import read_spec
-from operators.params import HYPERPARAMETERS, training_params
+from operators.params import training_params
+from operators.pipeline import training_pipeline
 
 SPEC = Path(__file__).parents[1] / "include" / "housing.yaml"
 
@@ -40,17 +32,4 @@ with DAG(
     tags=["shardline", "regression"],
     doc_md=__doc__,
 ):
-    chain(
-        FetchDatasetOperator(task_id="fetch", source_uri="{{ params.source_uri or '' }}"),
-        ValidateDatasetOperator(task_id="validate"),
-        ShardToTFRecordOperator(task_id="shard"),
-        AdaptPreprocessingOperator(task_id="adapt"),
-        TrainModelOperator(
-            task_id="train",
-            hyperparameters=HYPERPARAMETERS,
-            model_kind="{{ params.model }}",
-            force="{{ params.force_retrain }}",
-        ),
-        EvaluateModelOperator(task_id="evaluate"),
-        ExportServingModelOperator(task_id="export"),
-    )
+    training_pipeline()

@@ -7,19 +7,11 @@ by the logical date and publishes a new serving version when the model is blesse
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import DAG, chain
+from airflow.sdk import DAG
 
-from operators import (
-    AdaptPreprocessingOperator,
-    EvaluateModelOperator,
-    ExportServingModelOperator,
-    FetchDatasetOperator,
-    ShardToTFRecordOperator,
-    TrainModelOperator,
-    ValidateDatasetOperator,
-)
 from operators.base import read_spec
-from operators.params import HYPERPARAMETERS, training_params
+from operators.params import training_params
+from operators.pipeline import training_pipeline
 
 SPEC = Path(__file__).parents[1] / "include" / "penguins.yaml"
 
@@ -35,17 +27,4 @@ with DAG(
     tags=["shardline", "classification"],
     doc_md=__doc__,
 ):
-    chain(
-        FetchDatasetOperator(task_id="fetch", source_uri="{{ params.source_uri or '' }}"),
-        ValidateDatasetOperator(task_id="validate"),
-        ShardToTFRecordOperator(task_id="shard"),
-        AdaptPreprocessingOperator(task_id="adapt"),
-        TrainModelOperator(
-            task_id="train",
-            hyperparameters=HYPERPARAMETERS,
-            model_kind="{{ params.model }}",
-            force="{{ params.force_retrain }}",
-        ),
-        EvaluateModelOperator(task_id="evaluate"),
-        ExportServingModelOperator(task_id="export"),
-    )
+    training_pipeline()

@@ -1,0 +1,39 @@
+"""The training pipeline every Shardline DAG runs, wired to the trigger form's Params."""
+
+from __future__ import annotations
+
+from airflow.sdk import BaseOperator, chain
+
+from operators.adapt import AdaptPreprocessingOperator
+from operators.evaluate import EvaluateModelOperator
+from operators.export import ExportServingModelOperator
+from operators.fetch import FetchDatasetOperator
+from operators.params import HYPERPARAMETERS
+from operators.shard import ShardToTFRecordOperator
+from operators.train import TrainModelOperator
+from operators.validate import ValidateDatasetOperator
+
+
+def training_pipeline() -> list[BaseOperator]:
+    """fetch -> validate -> shard -> adapt -> train -> evaluate -> export, chained.
+
+    Call it inside a DAG whose ``default_args`` name the spec (``{"spec": path}``)
+    and whose ``params`` come from :func:`operators.params.training_params`.
+    """
+    tasks = [
+        # `or ''`: the form sends null for an empty optional field.
+        FetchDatasetOperator(task_id="fetch", source_uri="{{ params.source_uri or '' }}"),
+        ValidateDatasetOperator(task_id="validate"),
+        ShardToTFRecordOperator(task_id="shard"),
+        AdaptPreprocessingOperator(task_id="adapt"),
+        TrainModelOperator(
+            task_id="train",
+            hyperparameters=HYPERPARAMETERS,
+            model_kind="{{ params.model }}",
+            force="{{ params.force_retrain }}",
+        ),
+        EvaluateModelOperator(task_id="evaluate"),
+        ExportServingModelOperator(task_id="export"),
+    ]
+    chain(*tasks)
+    return tasks
