@@ -87,6 +87,8 @@ class PaddedRows:
     lengths: np.ndarray  # int64 [rows]: valid bytes per row
     layout: np.ndarray | None = None
     value_columns: np.ndarray | None = None
+    # Columns [start, start + width) that hold, in row i, row codes[i] of a table of distinct values.
+    categorical: tuple[CategoricalColumns, ...] = ()
 
     def compact(self) -> np.ndarray:
         """Every row's bytes back to back, in row order."""
@@ -97,8 +99,22 @@ class PaddedRows:
         def cut(array):
             return None if array is None else array[start:stop]
 
-        return PaddedRows(self.data[start:stop], cut(self.valid), self.lengths[start:stop], cut(self.layout),
-                          self.value_columns)
+        return PaddedRows(
+            self.data[start:stop], cut(self.valid), self.lengths[start:stop], cut(self.layout), self.value_columns,
+            tuple(c.rows(start, stop) for c in self.categorical),
+        )
+
+
+@dataclass(frozen=True)
+class CategoricalColumns:
+    """A block of columns whose bytes in each row are one row of ``table``: ``table[codes]``."""
+
+    start: int
+    codes: np.ndarray  # [rows]
+    table: np.ndarray  # uint8 [distinct values, width]
+
+    def rows(self, start: int, stop: int) -> CategoricalColumns:
+        return CategoricalColumns(self.start, self.codes[start:stop], self.table)
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,8 @@ class _Block:
     constant: bytes = b""  # the bytes, when they are the same in every row
     data: np.ndarray | None = None  # uint8 [rows, width], when they are not
     lengths: np.ndarray | None = None  # bytes used per row, when rows are padded
+    codes: np.ndarray | None = None  # when data is table[codes]: the codes
+    table: np.ndarray | None = None  # and the table
 
 
 def encode_padded(
@@ -124,7 +142,9 @@ def encode_padded(
     n = len(values[columns[0].name])
     blocks: list[_Block] = []
     for column in columns:
-        column_values = np.asarray(values[column.name])
+        column_values = values[column.name]
+        if not hasattr(column_values, "codes"):  # a pd.Categorical keeps its codes
+            column_values = np.asarray(column_values)
         if len(column_values) != n:
             raise ValueError(f"Column {column.name!r} has {len(column_values)} values, expected {n}")
         blocks.extend(_ENCODERS[column.dtype](column.name.encode(), column_values))
@@ -145,16 +165,20 @@ def encode_padded(
     valid = np.ones((n, width), bool) if padded else None
     lengths = np.full(n, width, np.int64)
     layout = np.zeros(n, np.int64) if padded else None
-    value_columns = []
+    value_columns, categorical = [], []
     for start, block in zip(starts, blocks):
         if block.data is not None:
             data[:, start : start + block.width] = block.data
-            value_columns.append(np.arange(start, start + block.width))
+            if block.codes is not None:
+                categorical.append(CategoricalColumns(int(start), block.codes, block.table))
+            else:
+                value_columns.append(np.arange(start, start + block.width))
     for start, block in padded:
         valid[:, start : start + block.width] = np.arange(block.width) < block.lengths[:, None]
         lengths -= block.width - block.lengths
         layout = layout * (block.width + 1) + block.lengths
-    return PaddedRows(data, valid, lengths, layout, np.concatenate(value_columns) if value_columns else np.array([], int))
+    value_columns = np.concatenate(value_columns) if value_columns else np.array([], np.int64)
+    return PaddedRows(data, valid, lengths, layout, value_columns, tuple(categorical))
 
 
 def _varint_block(values: np.ndarray) -> _Block:
@@ -214,18 +238,22 @@ def _encode_int64(key: bytes, values: np.ndarray) -> list[_Block]:
     return [_Block(table.shape[1], data=prefixes), varints]
 
 
-def _encode_string(key: bytes, values: np.ndarray) -> list[_Block]:
-    """Each distinct value is encoded once; rows pick theirs by index."""
+def _encode_string(key: bytes, values) -> list[_Block]:
+    """Each distinct value is encoded once; rows pick theirs by index (a ``pd.Categorical``'s codes if given)."""
     import pandas as pd
 
-    inverse, uniques = pd.factorize(values.astype(object), use_na_sentinel=False)
+    if isinstance(values, pd.Categorical):
+        inverse, uniques = values.codes, values.categories
+    else:
+        inverse, uniques = pd.factorize(np.asarray(values).astype(object), use_na_sentinel=False)
     segments = [_entry_prefix(key, 0x0A, len(e)) + e for e in (str(u).encode() for u in uniques)]
     lengths = np.array([len(s) for s in segments], np.int64)
     table = np.zeros((len(segments), int(lengths.max(initial=0))), np.uint8)
     for i, segment in enumerate(segments):
         table[i, : len(segment)] = np.frombuffer(segment, np.uint8)
     padded = (lengths != table.shape[1]).any()
-    return [_Block(table.shape[1], data=table[inverse], lengths=lengths[inverse] if padded else None)]
+    return [_Block(table.shape[1], data=table[inverse], lengths=lengths[inverse] if padded else None,
+                   codes=inverse, table=table)]
 
 
 _ENCODERS = {"float32": _encode_float32, "int64": _encode_int64, "string": _encode_string}

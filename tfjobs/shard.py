@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from tfjobs import cli
 from tfjobs.examples import encode_padded, spec_columns
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
-from tfjobs.store import join, local_copy, read_json, read_json_if_exists, sha256_file, staging_dir, store_for
+from tfjobs.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
 from tfjobs.store import write_json
 from tfjobs.tfrecord import FRAMING, TFRecordFileWriter
 
@@ -61,8 +62,6 @@ def shard_file_name(split: str, index: int, count: int) -> str:
 
 def split_assignment(spec: PipelineSpec, frame) -> tuple[np.ndarray, np.ndarray]:
     """Each row's split index (into ``SPLITS``) and a hash for picking its shard."""
-    import pandas as pd
-
     key = list(spec.split.key) or list(spec.columns)
     hashes = pd.util.hash_pandas_object(frame[key], index=False).to_numpy()
     bucket = hashes % np.uint64(_BUCKETS)
@@ -117,45 +116,48 @@ def _result(manifest_uri: str, manifest: dict, rewritten: bool) -> ShardResult:
 
 def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path, processes: int) -> dict:
     """Write every shard; with several processes, each writes the shards ``i`` with ``i % processes == k``."""
-    names = [shard_file_name(split, i, spec.shards[split]) for split in SPLITS for i in range(spec.shards[split])]
+    names = _shard_names(spec)
     for name in names:
         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
     processes = max(1, min(processes, len(names)))
     if processes == 1:
-        counts = _write_shard_subset(spec, str(parquet_path), str(out_dir), 0, 1)
+        written = _write_shard_subset(spec, str(parquet_path), str(out_dir), 0, 1)
     else:
         # fork is fast, but not safe once TensorFlow's threads exist in this process: then spawn.
         context = multiprocessing.get_context("spawn" if "tensorflow" in sys.modules else "fork")
         with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
             parts = pool.map(_write_shard_subset, [spec] * processes, [str(parquet_path)] * processes,
                              [str(out_dir)] * processes, range(processes), [processes] * processes)
-            counts = np.sum(list(parts), axis=0)
-    offset, splits = 0, {}
+            written = {index: shard for part in parts for index, shard in part.items()}
+    splits, index = {}, 0
     for split in SPLITS:
-        shards = []
-        for i in range(spec.shards[split]):
-            name = names[offset + i]
-            shards.append({"file": name, "records": int(counts[offset + i]),
-                           "bytes": (out_dir / name).stat().st_size, "sha256": sha256_file(out_dir / name)})
-        offset += spec.shards[split]
+        shards = [written[i] for i in range(index, index + spec.shards[split])]
+        index += spec.shards[split]
         splits[split] = {"records": sum(shard["records"] for shard in shards), "shards": shards}
     return splits
 
 
-def _write_shard_subset(spec: PipelineSpec, parquet_path: str, out_dir: str, worker: int, workers: int) -> np.ndarray:
-    """Read every row, keep those of this worker's shards, encode and write them; return per-shard counts."""
+def _shard_names(spec: PipelineSpec) -> list[str]:
+    return [shard_file_name(split, i, spec.shards[split]) for split in SPLITS for i in range(spec.shards[split])]
+
+
+def _write_shard_subset(spec: PipelineSpec, parquet_path: str, out_dir: str, worker: int, workers: int) -> dict:
+    """Read every row, keep those of this worker's shards, encode and write them.
+
+    Returns ``{shard index: {"file", "records", "bytes", "sha256"}}`` for this worker's shards.
+    """
     import pyarrow.parquet as pq
 
     columns = spec_columns(spec)
-    names = [shard_file_name(split, i, spec.shards[split]) for split in SPLITS for i in range(spec.shards[split])]
+    names = _shard_names(spec)
     first_shard = np.cumsum([0] + [spec.shards[split] for split in SPLITS])[:-1]
     shards_per_split = np.array([spec.shards[split] for split in SPLITS], np.uint64)
-    mine = [i for i in range(len(names)) if i % workers == worker]
-    writers = {i: TFRecordFileWriter(Path(out_dir) / names[i], COMPRESSION) for i in mine}
-    counts = np.zeros(len(names), np.int64)
+    writers = {i: TFRecordFileWriter(Path(out_dir) / names[i], COMPRESSION) for i in range(len(names))
+               if i % workers == worker}
     try:
         for batch in pq.ParquetFile(parquet_path).iter_batches(batch_size=BATCH_ROWS, columns=list(spec.columns)):
-            frame = batch.to_pandas()
+            # Strings as categoricals: each distinct value is hashed and encoded once.
+            frame = batch.to_pandas(strings_to_categorical=True)
             split_index, shard_hash = split_assignment(spec, frame)
             shard = first_shard[split_index] + (shard_hash % shards_per_split[split_index]).astype(np.int64)
             keep = np.flatnonzero(shard % workers == worker)
@@ -164,15 +166,21 @@ def _write_shard_subset(spec: PipelineSpec, parquet_path: str, out_dir: str, wor
             # Rows of each shard together, in input order, so that each shard's records are one slice.
             keep = keep[np.argsort(shard[keep], kind="stable")]
             shard = shard[keep]
-            rows = encode_padded(columns, {c.name: frame[c.name].to_numpy()[keep] for c in columns}, reserve=FRAMING)
+            values = {c.name: _column(frame[c.name])[keep] for c in columns}
+            rows = encode_padded(columns, values, reserve=FRAMING)
             bounds = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(shard)]
             for start, stop in zip(bounds[:-1], bounds[1:]):
                 writers[int(shard[start])].write(rows.rows(start, stop))
-                counts[int(shard[start])] += stop - start
     finally:
         for writer in writers.values():
             writer.close()
-    return counts
+    return {i: {"file": names[i], "records": w.records, "bytes": w.bytes, "sha256": w.sha256}
+            for i, w in writers.items()}
+
+
+def _column(series):
+    """A column's values: its pd.Categorical when it is one, else a NumPy array."""
+    return series.array if isinstance(series.dtype, pd.CategoricalDtype) else series.to_numpy()
 
 
 def default_processes(rows: int) -> int:

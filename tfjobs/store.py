@@ -134,7 +134,10 @@ class LocalStore(ObjectStore):
             return
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(local_path, tmp)
+        try:
+            os.link(local_path, tmp)  # same filesystem: no copy (a staged file is not written again)
+        except OSError:
+            shutil.copyfile(local_path, tmp)
         os.replace(tmp, target)
 
     def download(self, uri: str, local_path: str | Path) -> None:

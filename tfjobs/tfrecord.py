@@ -19,6 +19,7 @@ gzip format that TensorFlow writes and reads, several times faster than zlib). F
 from __future__ import annotations
 
 import functools
+import hashlib
 from pathlib import Path
 
 import google_crc32c
@@ -43,7 +44,7 @@ def masked_crc32c(data: bytes) -> int:
 FRAMING = (12, 4)  # bytes before a record (length, its CRC) and after it (the record's CRC)
 
 
-def frame_in_place(rows: PaddedRows) -> bytes:
+def frame_in_place(rows: PaddedRows) -> np.ndarray:
     """Fill the framing bytes that ``encode_padded(..., reserve=FRAMING)`` left, and join the records."""
     data = rows.data
     lengths = rows.lengths - sum(FRAMING)
@@ -54,7 +55,7 @@ def frame_in_place(rows: PaddedRows) -> bytes:
     data[:, 8:12] = length_crcs.astype("<u4").view(np.uint8).reshape(-1, 4)
     # The record's CRC goes right after its last valid byte: into the last 4 columns, which are always valid.
     data[:, -4:] = _mask(crcs).astype("<u4").view(np.uint8).reshape(-1, 4)
-    return rows.compact().tobytes()
+    return rows.compact()  # a contiguous uint8 array: written and hashed without another copy
 
 
 def record_crc32c(rows: PaddedRows) -> np.ndarray:
@@ -65,6 +66,8 @@ def record_crc32c(rows: PaddedRows) -> np.ndarray:
     same length; against the layout's first row as the template t, ``m ^ t`` is zero
     except in the value columns (keys and framing are the same in every record), and
     crc0 of it is the XOR, over those columns, of one 256-entry table lookup each.
+    A categorical block (a string feature) costs one lookup per row: its contribution
+    is computed once per distinct value.
     """
     data, valid = rows.data, rows.valid
     body = np.zeros(data.shape[1], bool)
@@ -76,15 +79,26 @@ def record_crc32c(rows: PaddedRows) -> np.ndarray:
     for group in groups:
         first = group[0]
         mask = body if valid is None else body & valid[first]
+        length = int(mask.sum())
+        position = np.cumsum(mask) - 1  # a column's byte position in the record
         template = data[first]
         crc = np.full(len(group), google_crc32c.value(template[mask].tobytes()), np.uint32)
         keep = mask[value_columns]
         if keep.any():
-            positions = (np.cumsum(mask) - 1)[value_columns[keep]]
             differences = (values[group] if len(group) < len(data) else values)[:, keep] ^ template[value_columns[keep]]
-            tables = _position_tables(int(mask.sum()), tuple(positions.tolist()))
-            for j in range(len(positions)):
+            tables = _position_tables(length, tuple(position[value_columns[keep]].tolist()))
+            for j in range(len(tables)):
                 crc ^= tables[j][differences[:, j]]
+        for block in rows.categorical:
+            # One contribution per distinct value, then one lookup per row.
+            columns = np.arange(block.start, block.start + block.table.shape[1])
+            used = np.flatnonzero(mask[columns])
+            differences = block.table[:, used] ^ block.table[block.codes[first], used]
+            tables = _position_tables(length, tuple(position[columns[used]].tolist()))
+            contribution = np.zeros(len(block.table), np.uint32)
+            for j in range(len(tables)):
+                contribution ^= tables[j][differences[:, j]]
+            crc ^= contribution[block.codes[group]]
         crcs[group] = crc
     return crcs
 
@@ -128,18 +142,29 @@ class TFRecordFileWriter:
         # wbits=31: a gzip stream (header mtime 0, so the same records give the same bytes).
         self._zlib = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31) if compression == "GZIP" else None
         self.records = 0
+        self.bytes = 0
+        self._digest = hashlib.sha256()  # of the file's bytes, so nobody has to read it back
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def _emit(self, data) -> None:
+        self._file.write(data)
+        self._digest.update(data)
+        self.bytes += len(data)
 
     def write(self, rows: PaddedRows) -> None:
         """Append records encoded with ``encode_padded(..., reserve=FRAMING)``."""
         if not len(rows.data):
             return
         framed = frame_in_place(rows)
-        self._file.write(self._zlib.compress(framed) if self._zlib else framed)
+        self._emit(self._zlib.compress(framed) if self._zlib else framed)
         self.records += len(rows.data)
 
     def close(self) -> None:
         if self._zlib is not None:
-            self._file.write(self._zlib.flush())
+            self._emit(self._zlib.flush())
         self._file.close()
 
     def __enter__(self) -> TFRecordFileWriter:
