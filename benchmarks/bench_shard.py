@@ -30,29 +30,41 @@ ROOT = Path(__file__).resolve().parents[1]
 TFX_BSL_ROWS_PER_S = 130_000  # the top of the published 100,000-130,000 range
 
 
+# The helpers of TensorFlow's "TFRecord and tf.train.Example" tutorial, as written there.
+def _bytes_feature(value):
+    """Returns a bytes_list from a string / byte."""
+    import tensorflow as tf
+
+    if isinstance(value, type(tf.constant(0))):
+        value = value.numpy()  # BytesList won't unpack a string from an EagerTensor.
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
 def _float_feature(value):
+    """Returns a float_list from a float / double."""
     import tensorflow as tf
 
     return tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
 
 
-def _bytes_feature(value):
+def _tutorial_loop(values, columns, path, rows):
+    """As the tutorial does: ``serialize_example`` for row i of the feature arrays, then ``writer.write``."""
     import tensorflow as tf
 
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+    def serialize_example(i):
+        feature = {}
+        for column in columns:
+            value = values[column.name][i]
+            if column.dtype == "float32":
+                feature[column.name] = _float_feature(value)
+            else:
+                feature[column.name] = _bytes_feature(value.encode())
+        example_proto = tf.train.Example(features=tf.train.Features(feature=feature))
+        return example_proto.SerializeToString()
 
-
-def _tutorial_loop(frame, columns, path, rows):
-    """As the TFRecord tutorial does: helper functions, one Example per row of the DataFrame."""
-    import tensorflow as tf
-
-    encoders = {c.name: _float_feature if c.dtype == "float32" else _bytes_feature for c in columns}
-    names = [c.name for c in columns]
     with tf.io.TFRecordWriter(path, options="GZIP") as writer:
-        for row in frame[names].head(rows).itertuples(index=False, name=None):
-            feature = {name: encoders[name](value) for name, value in zip(names, row)}
-            example = tf.train.Example(features=tf.train.Features(feature=feature))
-            writer.write(example.SerializeToString())
+        for i in range(rows):
+            writer.write(serialize_example(i))
 
 
 def _template_loop(columns, values, path, rows):
@@ -109,12 +121,10 @@ from benchmarks.data import housing_spec
 from tfjobs.shard import shard_dataset
 validated, output, processes = sys.argv[1], sys.argv[2], int(sys.argv[3])
 spec = housing_spec({"train": 8, "eval": 2, "test": 2})
-best = float("inf")
-for _ in range(2):
-    shutil.rmtree(output, ignore_errors=True)  # an up-to-date output would be skipped
-    started = time.perf_counter()
-    result = shard_dataset(spec, validated, output, processes=processes)
-    best = min(best, time.perf_counter() - started)
+shutil.rmtree(output, ignore_errors=True)  # an up-to-date output would be skipped
+started = time.perf_counter()
+result = shard_dataset(spec, validated, output, processes=processes)
+best = time.perf_counter() - started
 print(json.dumps({"rows": sum(result.records.values()), "seconds": best}))
 """
 
@@ -144,7 +154,6 @@ def run(quick: bool = False) -> list[Target]:
     fast_values = {**values, "ocean_proximity": pd.Categorical(values["ocean_proximity"])}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tutorial = loop_rows / best_of(lambda: _tutorial_loop(frame, columns, str(tmp / "t"), loop_rows), 2)
         template = loop_rows / best_of(lambda: _template_loop(columns, values, str(tmp / "m"), loop_rows), 2)
         records = serialize_examples(columns, {k: v[:loop_rows * 5] for k, v in values.items()})
 
@@ -155,12 +164,20 @@ def run(quick: bool = False) -> list[Target]:
 
         serialized = len(records) / best_of(write_serialized, 2)
         plain = rows / best_of(lambda: _fast_path(columns, fast_values, str(tmp / "plain"), ""), 3)
-        gzip = rows / best_of(lambda: _fast_path(columns, fast_values, str(tmp / "gzip"), "GZIP"), 3)
+        # The loop and the fast path in turns, best of 3 each: this machine's speed drifts by tens of percent.
+        tutorial = gzip = 0.0
+        for _ in range(3):
+            tutorial = max(tutorial, loop_rows / best_of(lambda: _tutorial_loop(values, columns, str(tmp / "t"),
+                                                                                loop_rows), 1))
+            gzip = max(gzip, rows / best_of(lambda: _fast_path(columns, fast_values, str(tmp / "gzip"), "GZIP"), 1))
         _check_round_trip(columns, values, str(tmp / "plain"), "")
         _check_round_trip(columns, values, str(tmp / "gzip"), "GZIP")
 
         validated = write_validated(frame, spec, tmp / "validated")
-        one, two = _shard_job(validated, tmp / "shards", 1), _shard_job(validated, tmp / "shards", 2)
+        one = two = 0.0
+        for _ in range(3):
+            one = max(one, _shard_job(validated, tmp / "shards", 1))
+            two = max(two, _shard_job(validated, tmp / "shards", 2))
     return [
         Target("fast path, GZIP off", plain, 250_000, "rows/s", "the 250,000 rows/s target", 1.0),
         Target("fast path, GZIP on", gzip, 250_000, "rows/s", "the 250,000 rows/s target", 1.0),

@@ -39,7 +39,7 @@ import numpy as np
 
 from tfjobs.examples import Column, parse_features
 from tfjobs.shard import COMPRESSION
-from tfjobs.store import join, read_json, sha256_file, store_for
+from tfjobs.store import join, read_json, store_for
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,9 @@ class ShardSet:
 
     def _download(self, index: int, path: str) -> None:
         """Download one shard and check it against the manifest, retrying a corrupt copy once."""
-        expected = self.shards[index]["sha256"]
+        shard = self.shards[index]
         for attempt in (1, 2):
-            self.store.download(self.uris[index], path)
-            if sha256_file(path) == expected:
+            if self.store.download_sha256(self.uris[index], path, shard["bytes"]) == shard["sha256"]:
                 return
             log.warning("Shard %s failed its checksum (attempt %d)", self.uris[index], attempt)
         raise ChecksumMismatchError(f"{self.uris[index]} does not match the SHA-256 in {self.manifest_uri}")

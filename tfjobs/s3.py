@@ -16,6 +16,7 @@ source, never the credentials themselves.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -224,6 +225,24 @@ class S3Store(ObjectStore):
             if _missing(err):
                 raise FileNotFoundError(f"{uri} does not exist") from None
             raise _explain(err, "download", uri) from None
+
+    def download_sha256(self, uri: str, local_path: str | Path, size: int) -> str:
+        """Below the multipart threshold, one streamed GET hashed on the way (no HEAD, no second read)."""
+        if size >= MULTIPART_THRESHOLD:
+            return super().download_sha256(uri, local_path, size)
+        bucket, key = split_uri(uri)
+        digest = hashlib.sha256()
+        try:
+            body = client().get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")["Body"]
+            with open(local_path, "wb") as out:
+                for chunk in body.iter_chunks(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+        except Exception as err:
+            if _missing(err):
+                raise FileNotFoundError(f"{uri} does not exist") from None
+            raise _explain(err, "download", uri) from None
+        return digest.hexdigest()
 
     def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = ()) -> None:
         """Upload every file, the markers last; on failure remove what was uploaded."""

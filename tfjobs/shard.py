@@ -155,7 +155,9 @@ def _write_shard_subset(spec: PipelineSpec, parquet_path: str, out_dir: str, wor
     writers = {i: TFRecordFileWriter(Path(out_dir) / names[i], COMPRESSION) for i in range(len(names))
                if i % workers == worker}
     try:
-        for batch in pq.ParquetFile(parquet_path).iter_batches(batch_size=BATCH_ROWS, columns=list(spec.columns)):
+        # pre_buffer=False: pyarrow would otherwise buffer every row group ahead (memory grows with the file).
+        parquet = pq.ParquetFile(parquet_path, pre_buffer=False)
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(spec.columns)):
             # Strings as categoricals: each distinct value is hashed and encoded once.
             frame = batch.to_pandas(strings_to_categorical=True)
             split_index, shard_hash = split_assignment(spec, frame)

@@ -65,6 +65,11 @@ class ObjectStore(ABC):
         """The object's path on this machine, if the store is the local filesystem."""
         return None
 
+    def download_sha256(self, uri: str, local_path: str | Path, size: int) -> str:
+        """Download an object of known ``size``; return the SHA-256 of what was written."""
+        self.download(uri, local_path)
+        return sha256_file(local_path)
+
     def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = ()) -> None:
         """Make ``uri`` hold exactly a local directory's files, the files named in ``last`` put last.
 
