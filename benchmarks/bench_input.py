@@ -50,6 +50,7 @@ def _epoch_seconds(model, data, epochs, **fit_args) -> list[float]:
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.started)
 
+    fit_args.setdefault("shuffle", False)  # a tf.data pipeline shuffles itself
     model.fit(data, epochs=epochs, verbose=0, callbacks=[Clock()], **fit_args)
     return times
 
