@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from benchmarks.harness import Target
+from benchmarks.harness import Target, fit_epoch_seconds
 
 SPEC = Path(__file__).resolve().parents[1] / "include" / "housing.yaml"
 GOAL = 1.5
@@ -50,23 +50,6 @@ def build(kind: str, spec):
     return model
 
 
-def fit_seconds_per_epoch(model, data, timed_epochs: int) -> float:
-    """The fastest epoch of one ``fit()`` call, after a warm-up epoch."""
-    import keras
-
-    durations = []
-
-    class EpochTimer(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            durations.append(time.perf_counter() - self.started)
-
-    model.fit(data, epochs=1 + timed_epochs, verbose=0, shuffle=False, callbacks=[EpochTimer()])
-    return min(durations[1:])
-
-
 def loop_seconds_per_epoch(run_epoch, timed_epochs: int) -> float:
     """The fastest of ``timed_epochs`` epochs of the custom loop, after a warm-up epoch."""
     run_epoch()
@@ -90,7 +73,7 @@ def run(quick: bool) -> list[Target]:
     targets = []
     for kind in ("wide_deep", "mlp"):
         with_fit = build(kind, spec)
-        fit_seconds = fit_seconds_per_epoch(with_fit, data, 3)
+        fit_seconds = min(fit_epoch_seconds(with_fit, data, 4, shuffle=False)[1:])  # after a warm-up epoch
         with_loop = build(kind, spec)
         with_loop(next(iter(data))[0])
         loop = GradientTapeLoop(with_loop, optimizer_groups(with_loop, spec.training.wide_learning_rate))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.data import housing_frame, housing_spec, write_validated
-from benchmarks.harness import Target
+from benchmarks.harness import Target, fit_epoch_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 1024
@@ -36,23 +36,6 @@ def _rate(dataset, rows: int) -> float:
     for _ in dataset:
         pass
     return rows / (time.perf_counter() - started)
-
-
-def _epoch_seconds(model, data, epochs, **fit_args) -> list[float]:
-    import keras
-
-    times = []
-
-    class Clock(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.started)
-
-    fit_args.setdefault("shuffle", False)  # a tf.data pipeline shuffles itself
-    model.fit(data, epochs=epochs, verbose=0, callbacks=[Clock()], **fit_args)
-    return times
 
 
 def _dag_parse_seconds() -> dict[str, float]:
@@ -143,8 +126,8 @@ def run(quick: bool = False) -> list[Target]:
             # shards and fills the cache, later epochs read the cache.
             in_memory, streamed, first_epochs = [], [], []
             for _ in range(3):
-                in_memory += _epoch_seconds(model(), arrays, EPOCHS, y=target, batch_size=BATCH, shuffle=True)[1:]
-                times = _epoch_seconds(model(), pipeline(cache=True), EPOCHS)
+                in_memory += fit_epoch_seconds(model(), arrays, EPOCHS, y=target, batch_size=BATCH, shuffle=True)[1:]
+                times = fit_epoch_seconds(model(), pipeline(cache=True), EPOCHS, shuffle=False)
                 streamed += times[1:]
                 first_epochs.append(times[0])
     steps = -(-train_rows // BATCH)

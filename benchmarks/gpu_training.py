@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     import keras
     import numpy as np
 
+    from benchmarks.harness import fit_epoch_seconds
     from tfjobs.models import EncodedFeatures, build_training_model
     from tfjobs.spec import parse_spec
 
@@ -56,16 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", steps_per_execution=args.steps_per_execution,
                   jit_compile=True)
     x = {"numeric": numeric, "ocean_proximity": category}
-    times = []
-
-    class Clock(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.started)
-
-    model.fit(x, target, batch_size=BATCH, epochs=args.epochs, shuffle=True, verbose=0, callbacks=[Clock()])
+    times = fit_epoch_seconds(model, x, args.epochs, y=target, batch_size=BATCH, shuffle=True)
     keras_rate = rows * (len(times) - 1) / sum(times[1:])
 
     # The same architecture and optimizer, by hand, with every batch already on the device.

@@ -54,5 +54,25 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
     return min(times)
 
 
+def fit_epoch_seconds(model, x, epochs: int, **fit_args) -> list[float]:
+    """How long each epoch of one ``model.fit(x, epochs=epochs, ...)`` took, from Keras' own epoch callbacks.
+
+    Timing epochs, not the call, keeps ``fit()``'s per-call setup out of its steps.
+    """
+    import keras
+
+    times = []
+
+    class EpochClock(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.started)
+
+    model.fit(x, epochs=epochs, verbose=0, callbacks=[EpochClock()], **fit_args)
+    return times
+
+
 def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}"
