@@ -54,14 +54,14 @@ def write_validated(frame: pd.DataFrame, spec: PipelineSpec, directory: Path) ->
     import pyarrow.parquet as pq
 
     from tfjobs.store import sha256_file, write_json
-    from tfjobs.validate import CHUNK_ROWS, arrow_schema
+    from tfjobs.validate import ROW_GROUP_ROWS, arrow_schema
 
     directory.mkdir(parents=True, exist_ok=True)
     frame = frame.fillna({"ocean_proximity": ""})
     # From NumPy arrays, NaN stays a float (a missing value the pipeline imputes), not an Arrow null.
     table = pa.table({name: frame[name].to_numpy() for name in spec.columns}, schema=arrow_schema(spec))
     # Row groups as the validate step writes them (one per chunk), so readers can stream.
-    pq.write_table(table, directory / "data.parquet", row_group_size=CHUNK_ROWS)
+    pq.write_table(table, directory / "data.parquet", row_group_size=ROW_GROUP_ROWS)
     write_json(str(directory / "report.json"), {
         "data_file": "data.parquet", "data_sha256": sha256_file(directory / "data.parquet"),
         "quarantine_file": "quarantine.csv", "rows_in": len(frame), "rows_valid": len(frame),

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from tfjobs.input_pipeline import open_shards, raw_batches
 from tfjobs.shard import shard_dataset
-from tfjobs.store import read_json, sha256_file
+from tfjobs.store import read_json, sha256_file, write_json
 
 
 def test_every_valid_row_lands_in_exactly_one_split(penguins_pipeline):
@@ -55,6 +55,29 @@ def test_resharding_gives_identical_bytes(penguins_pipeline, tmp_path):
     first, second = read_json(run.shard.manifest_uri), read_json(again.manifest_uri)
     assert first == second
     assert again.rewritten
+
+
+def test_shards_are_the_same_bytes_however_many_processes_write_them(penguins_pipeline, tmp_path):
+    import pyarrow.parquet as pq
+
+    run = penguins_pipeline
+    validated = tmp_path / "validated"
+    validated.mkdir()
+    pq.write_table(pq.read_table(run.validate.data_uri), validated / "data.parquet", row_group_size=40)  # 9 groups
+    report = read_json(f"{run.layout.validated}/report.json")
+    write_json(str(validated / "report.json"), {**report, "data_sha256": sha256_file(validated / "data.parquet")})
+
+    one = read_json(shard_dataset(run.spec, str(validated), str(tmp_path / "one"), processes=1).manifest_uri)
+    three = read_json(shard_dataset(run.spec, str(validated), str(tmp_path / "three"), processes=3).manifest_uri)
+    assert one["splits"] == three["splits"]  # same files: names, counts, sizes and SHA-256
+    assert sorted(p.name for p in (tmp_path / "three").rglob("*.part*")) == []
+    # Written in row-group parts, the records are those of the shards written from one row group, in order.
+    whole = read_json(run.shard.manifest_uri)
+    for split in ("train", "eval", "test"):
+        for parts, single in zip(three["splits"][split]["shards"], whole["splits"][split]["shards"]):
+            read = [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "three" / parts["file"]), "GZIP")]
+            expected = [r.numpy() for r in tf.data.TFRecordDataset(f"{run.layout.shards}/{single['file']}", "GZIP")]
+            assert read == expected and len(read) == parts["records"]
 
 
 def test_split_does_not_depend_on_row_order(penguins_spec):

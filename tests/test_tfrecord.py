@@ -50,3 +50,10 @@ def test_identical_rows_and_single_rows():
                   "id": np.ones(n, np.int64), "tag": pd.Categorical(["red"] * n)}
         padded = encode_padded(COLUMNS, values, reserve=FRAMING)
         assert record_crc32c(padded).tolist() == [google_crc32c.value(r) for r in serialize_examples(COLUMNS, values)]
+
+
+def test_a_missing_categorical_value_is_an_error_not_a_wrong_record():
+    values = {"x": np.zeros(2, np.float32), "word": np.array(["a", "b"], dtype=object), "id": np.ones(2, np.int64),
+              "tag": pd.Categorical(["red", None])}
+    with pytest.raises(ValueError, match="'tag' has missing values"):
+        encode_padded(COLUMNS, values, reserve=FRAMING)

@@ -76,19 +76,16 @@ def parse_features(columns: Sequence[Column]) -> dict:
 class PaddedRows:
     """Variable-length byte rows: row i is ``data[i][valid[i]]`` (all of ``data[i]`` when valid is None).
 
-    ``layout`` numbers the rows' layouts (rows with the same number have the same valid
-    columns; None: one layout) and ``value_columns`` lists the columns whose bytes can
-    differ between rows (everything else is the same in every row): what the TFRecord
-    writer's CRC needs to know.
+    ``body`` lists the pieces every record is made of, in order (the TFRecord framing
+    a caller reserved excluded): each piece is the same bytes in every row, or a column
+    of per-row bytes, possibly padded, possibly rows of a table of distinct values.
+    That is what the TFRecord writer's CRC works from.
     """
 
     data: np.ndarray  # uint8 [rows, width]
     valid: np.ndarray | None  # bool [rows, width]
     lengths: np.ndarray  # int64 [rows]: valid bytes per row
-    layout: np.ndarray | None = None
-    value_columns: np.ndarray | None = None
-    # Columns [start, start + width) that hold, in row i, row codes[i] of a table of distinct values.
-    categorical: tuple[CategoricalColumns, ...] = ()
+    body: tuple[RecordPiece, ...] = ()
 
     def compact(self) -> np.ndarray:
         """Every row's bytes back to back, in row order."""
@@ -96,37 +93,33 @@ class PaddedRows:
 
     def rows(self, start: int, stop: int) -> PaddedRows:
         """Rows ``start:stop``, as views (no copy)."""
-        def cut(array):
-            return None if array is None else array[start:stop]
-
-        return PaddedRows(
-            self.data[start:stop], cut(self.valid), self.lengths[start:stop], cut(self.layout), self.value_columns,
-            tuple(c.rows(start, stop) for c in self.categorical),
-        )
+        valid = None if self.valid is None else self.valid[start:stop]
+        return PaddedRows(self.data[start:stop], valid, self.lengths[start:stop],
+                          tuple(piece.rows(start, stop) for piece in self.body))
 
 
 @dataclass(frozen=True)
-class CategoricalColumns:
-    """A block of columns whose bytes in each row are one row of ``table``: ``table[codes]``."""
-
-    start: int
-    codes: np.ndarray  # [rows]
-    table: np.ndarray  # uint8 [distinct values, width]
-
-    def rows(self, start: int, stop: int) -> CategoricalColumns:
-        return CategoricalColumns(self.start, self.codes[start:stop], self.table)
-
-
-@dataclass(frozen=True)
-class _Block:
-    """One piece of every record, at the same columns in every row."""
+class RecordPiece:
+    """One piece of every record, at the same columns of every padded row."""
 
     width: int
     constant: bytes = b""  # the bytes, when they are the same in every row
     data: np.ndarray | None = None  # uint8 [rows, width], when they are not
     lengths: np.ndarray | None = None  # bytes used per row, when rows are padded
-    codes: np.ndarray | None = None  # when data is table[codes]: the codes
-    table: np.ndarray | None = None  # and the table
+    codes: np.ndarray | None = None  # or row i's bytes are table[codes[i]]: the codes
+    table: np.ndarray | None = None  # and the table of distinct values (uint8 [values, width])
+    table_lengths: np.ndarray | None = None  # bytes used per table row
+
+    @property
+    def varies(self) -> bool:
+        return self.data is not None or self.codes is not None
+
+    def rows(self, start: int, stop: int) -> RecordPiece:
+        def cut(array):
+            return None if array is None else array[start:stop]
+
+        return RecordPiece(self.width, self.constant, cut(self.data), cut(self.lengths), cut(self.codes),
+                           self.table, self.table_lengths)
 
 
 def encode_padded(
@@ -140,61 +133,72 @@ def encode_padded(
     if not columns:
         raise ValueError("encode_examples needs at least one column")
     n = len(values[columns[0].name])
-    blocks: list[_Block] = []
+    pieces: list[RecordPiece] = []
     for column in columns:
         column_values = values[column.name]
         if not hasattr(column_values, "codes"):  # a pd.Categorical keeps its codes
             column_values = np.asarray(column_values)
         if len(column_values) != n:
             raise ValueError(f"Column {column.name!r} has {len(column_values)} values, expected {n}")
-        blocks.extend(_ENCODERS[column.dtype](column.name.encode(), column_values))
-    feature_lengths = sum(b.width if b.lengths is None else b.lengths for b in blocks) * np.ones(n, np.int64)
-    header = _varint_block(feature_lengths)
-    blocks = [_Block(reserve[0], bytes(reserve[0])), _Block(1, b"\x0a"), header, *blocks,
-              _Block(reserve[1], bytes(reserve[1]))]
+        pieces.extend(_ENCODERS[column.dtype](column.name.encode(), column_values))
+    fixed = sum(p.width for p in pieces if p.lengths is None)
+    feature_lengths = sum((p.lengths for p in pieces if p.lengths is not None), np.full(n, fixed, np.int64))
+    body = (RecordPiece(1, b"\x0a"), _varint_piece(feature_lengths), *pieces)
+    pieces = [RecordPiece(reserve[0], bytes(reserve[0])), *body, RecordPiece(reserve[1], bytes(reserve[1]))]
 
-    width = sum(b.width for b in blocks)
+    width = sum(p.width for p in pieces)
     template = np.zeros(width, np.uint8)
-    starts = np.cumsum([0] + [b.width for b in blocks])[:-1]
-    for start, block in zip(starts, blocks):
-        if block.data is None:
-            template[start : start + block.width] = np.frombuffer(block.constant, np.uint8)
+    starts = np.cumsum([0] + [p.width for p in pieces])[:-1].tolist()
+    for start, piece in zip(starts, pieces):
+        if piece.constant:
+            template[start : start + piece.width] = np.frombuffer(piece.constant, np.uint8)
     data = np.empty((n, width), np.uint8)
     data[:] = template
-    padded = [(start, block) for start, block in zip(starts, blocks) if block.lengths is not None]
-    valid = np.ones((n, width), bool) if padded else None
+    # Per-row pieces are copied as one opaque field per row (a structured view), not byte by byte.
+    varying = [(start, piece) for start, piece in zip(starts, pieces) if piece.varies]
+    for field, (_, piece) in zip(_fields(data, varying), varying):
+        field[:] = _as_void(piece.table)[piece.codes] if piece.codes is not None else _as_void(piece.data)
+    padded = [(start, piece) for start, piece in zip(starts, pieces) if piece.lengths is not None]
+    valid = None
     lengths = np.full(n, width, np.int64)
-    layout = np.zeros(n, np.int64) if padded else None
-    value_columns, categorical = [], []
-    for start, block in zip(starts, blocks):
-        if block.data is not None:
-            data[:, start : start + block.width] = block.data
-            if block.codes is not None:
-                categorical.append(CategoricalColumns(int(start), block.codes, block.table))
-            else:
-                value_columns.append(np.arange(start, start + block.width))
-    for start, block in padded:
-        valid[:, start : start + block.width] = np.arange(block.width) < block.lengths[:, None]
-        lengths -= block.width - block.lengths
-        layout = layout * (block.width + 1) + block.lengths
-    value_columns = np.concatenate(value_columns) if value_columns else np.array([], np.int64)
-    return PaddedRows(data, valid, lengths, layout, value_columns, tuple(categorical))
+    if padded:
+        valid = np.empty((n, width), bool)
+        valid[:] = True
+        for field, (_, piece) in zip(_fields(valid, padded), padded):
+            # A padded piece's valid bytes, by row: a mask per length, picked by each row's length.
+            masks = np.arange(piece.width + 1)[:, None] > np.arange(piece.width)
+            field[:] = _as_void(masks.view(np.uint8))[piece.lengths]
+            lengths -= piece.width - piece.lengths
+    return PaddedRows(data, valid, lengths, body)
 
 
-def _varint_block(values: np.ndarray) -> _Block:
+def _fields(matrix: np.ndarray, pieces: list[tuple[int, RecordPiece]]) -> list[np.ndarray]:
+    """For each (start column, piece): its columns of ``matrix`` as one opaque value per row."""
+    rows = matrix.view(np.uint8).view(np.dtype({
+        "names": [f"p{i}" for i in range(len(pieces))], "formats": [f"V{piece.width}" for _, piece in pieces],
+        "offsets": [start for start, _ in pieces], "itemsize": matrix.shape[1]})).reshape(len(matrix))
+    return [rows[f"p{i}"] for i in range(len(pieces))]
+
+
+def _as_void(matrix: np.ndarray) -> np.ndarray:
+    """uint8 [rows, width] as one opaque ``V<width>`` value per row."""
+    return np.ascontiguousarray(matrix).view(f"V{matrix.shape[1]}").reshape(len(matrix))
+
+
+def _varint_piece(values: np.ndarray) -> RecordPiece:
     """Protobuf base-128 varints of uint64 values, one per row, padded to the longest."""
     values = values.astype(np.uint64)
+    width = max(1, (int(values.max(initial=0)).bit_length() + 6) // 7)  # of the longest
     lengths = np.ones(len(values), np.int64)
-    for i in range(1, 10):
-        lengths += (values >> np.uint64(7 * i)) > 0
-    width = int(lengths.max(initial=1))
+    for i in range(1, width):
+        lengths += values >= np.uint64(1 << (7 * i))
     groups = np.empty((len(values), width), np.uint8)
     remaining = values.copy()
     for i in range(width):
         groups[:, i] = (remaining & np.uint64(0x7F)).astype(np.uint8)
         remaining >>= np.uint64(7)
     groups |= ((np.arange(width) < (lengths[:, None] - 1)) * 0x80).astype(np.uint8)
-    return _Block(width, data=groups, lengths=None if (lengths == width).all() else lengths)
+    return RecordPiece(width, data=groups, lengths=None if (lengths == width).all() else lengths)
 
 
 def _entry_prefix(key: bytes, feature_tag: int, payload_length: int) -> bytes:
@@ -223,27 +227,29 @@ def _varint_bytes(value: int) -> bytes:
             return bytes(out)
 
 
-def _encode_float32(key: bytes, values: np.ndarray) -> list[_Block]:
+def _encode_float32(key: bytes, values: np.ndarray) -> list[RecordPiece]:
     prefix = _entry_prefix(key, 0x12, 4)
     floats = np.ascontiguousarray(values, dtype="<f4").view(np.uint8).reshape(-1, 4)
-    return [_Block(len(prefix), prefix), _Block(4, data=floats)]
+    return [RecordPiece(len(prefix), prefix), RecordPiece(4, data=floats)]
 
 
-def _encode_int64(key: bytes, values: np.ndarray) -> list[_Block]:
-    varints = _varint_block(np.asarray(values, np.int64).view(np.uint64))
+def _encode_int64(key: bytes, values: np.ndarray) -> list[RecordPiece]:
+    varints = _varint_piece(np.asarray(values, np.int64).view(np.uint64))
     lengths = varints.width if varints.lengths is None else varints.lengths
     # The prefix depends on the varint's length (1..10 bytes); all prefixes have the same width.
     table = np.stack([np.frombuffer(_entry_prefix(key, 0x1A, n), np.uint8) for n in range(1, 11)])
-    prefixes = table[np.broadcast_to(lengths, (len(values),)) - 1]
-    return [_Block(table.shape[1], data=prefixes), varints]
+    codes = np.broadcast_to(lengths, (len(values),)) - 1
+    return [RecordPiece(table.shape[1], codes=codes, table=table), varints]
 
 
-def _encode_string(key: bytes, values) -> list[_Block]:
+def _encode_string(key: bytes, values) -> list[RecordPiece]:
     """Each distinct value is encoded once; rows pick theirs by index (a ``pd.Categorical``'s codes if given)."""
     import pandas as pd
 
     if isinstance(values, pd.Categorical):
         inverse, uniques = values.codes, values.categories
+        if (inverse < 0).any():
+            raise ValueError(f"Column {key.decode()!r} has missing values: a string feature needs a value in every row")
     else:
         inverse, uniques = pd.factorize(np.asarray(values).astype(object), use_na_sentinel=False)
     segments = [_entry_prefix(key, 0x0A, len(e)) + e for e in (str(u).encode() for u in uniques)]
@@ -252,8 +258,8 @@ def _encode_string(key: bytes, values) -> list[_Block]:
     for i, segment in enumerate(segments):
         table[i, : len(segment)] = np.frombuffer(segment, np.uint8)
     padded = (lengths != table.shape[1]).any()
-    return [_Block(table.shape[1], data=table[inverse], lengths=lengths[inverse] if padded else None,
-                   codes=inverse, table=table)]
+    return [RecordPiece(table.shape[1], lengths=lengths[inverse] if padded else None,
+                        codes=inverse, table=table, table_lengths=lengths)]
 
 
 _ENCODERS = {"float32": _encode_float32, "int64": _encode_int64, "string": _encode_string}

@@ -1,7 +1,8 @@
 """Split validated rows and write them as GZIP TFRecord shards of ``tf.train.Example``.
 
 Reads ``validated/<dataset>/<partition>/data.parquet`` in record batches (memory
-stays flat however many rows there are) and writes::
+stays flat however many rows there are; several processes take a run of row
+groups each) and writes::
 
     shards/<dataset>/<partition>/train/part-00000-of-00004.tfrecord.gz
                                  eval/part-00000-of-00001.tfrecord.gz
@@ -22,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import ctypes
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -115,25 +118,39 @@ def _result(manifest_uri: str, manifest: dict, rewritten: bool) -> ShardResult:
 
 
 def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path, processes: int) -> dict:
-    """Write every shard; with several processes, each writes the shards ``i`` with ``i % processes == k``."""
+    """Write every shard; with several processes, each takes a contiguous run of Parquet row groups.
+
+    Each process writes its part of every shard; the parts are then joined in row
+    group order. Every row group's records of a shard form their own gzip member, so
+    the joined file is the same bytes as one process writes, however many there were.
+    """
+    import pyarrow.parquet as pq
+
     names = _shard_names(spec)
     for name in names:
         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-    processes = max(1, min(processes, len(names)))
-    if processes == 1:
-        written = _write_shard_subset(spec, str(parquet_path), str(out_dir), 0, 1)
+    metadata = pq.ParquetFile(parquet_path).metadata
+    runs = _row_group_runs([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)], processes)
+    suffixes = [""] + [f".part{k}" for k in range(1, len(runs))]  # the first part is written in place
+    jobs = [(spec, str(parquet_path), str(out_dir), run, suffix) for run, suffix in zip(runs, suffixes)]
+    if len(jobs) == 1:
+        parts = [_write_row_groups(*jobs[0])]
     else:
         # fork is fast, but not safe once TensorFlow's threads exist in this process: then spawn.
         context = multiprocessing.get_context("spawn" if "tensorflow" in sys.modules else "fork")
-        with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
-            parts = pool.map(_write_shard_subset, [spec] * processes, [str(parquet_path)] * processes,
-                             [str(out_dir)] * processes, range(processes), [processes] * processes)
-            written = {index: shard for part in parts for index, shard in part.items()}
+        with concurrent.futures.ProcessPoolExecutor(len(jobs), mp_context=context) as pool:
+            parts = list(pool.map(_write_row_groups, *zip(*jobs)))
+    if len(parts) == 1:
+        shards = parts[0]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
+            joined = pool.map(lambda name: _join_parts(out_dir / name, suffixes[1:]), names)
+            shards = [{"records": sum(part[i]["records"] for part in parts), **file} for i, file in enumerate(joined)]
     splits, index = {}, 0
     for split in SPLITS:
-        shards = [written[i] for i in range(index, index + spec.shards[split])]
+        written = [{"file": names[i], **shards[i]} for i in range(index, index + spec.shards[split])]
         index += spec.shards[split]
-        splits[split] = {"records": sum(shard["records"] for shard in shards), "shards": shards}
+        splits[split] = {"records": sum(shard["records"] for shard in written), "shards": written}
     return splits
 
 
@@ -141,43 +158,88 @@ def _shard_names(spec: PipelineSpec) -> list[str]:
     return [shard_file_name(split, i, spec.shards[split]) for split in SPLITS for i in range(spec.shards[split])]
 
 
-def _write_shard_subset(spec: PipelineSpec, parquet_path: str, out_dir: str, worker: int, workers: int) -> dict:
-    """Read every row, keep those of this worker's shards, encode and write them.
+def _row_group_runs(group_rows: list[int], processes: int) -> list[range]:
+    """Contiguous runs of row groups, one per process, of about equal row counts."""
+    before = np.concatenate([[0], np.cumsum(group_rows)])  # rows before each row group boundary
+    processes = max(1, min(processes, len(group_rows)))
+    targets = before[-1] * np.arange(1, processes) / processes
+    nearest = np.abs(before[None, :] - targets[:, None]).argmin(axis=1)
+    edges = [0, *sorted(set(nearest.tolist()) - {0, len(group_rows)}), len(group_rows)]
+    return [range(start, stop) for start, stop in zip(edges[:-1], edges[1:])]
 
-    Returns ``{shard index: {"file", "records", "bytes", "sha256"}}`` for this worker's shards.
+
+def _join_parts(path: Path, suffixes: list[str]) -> dict:
+    """Append the parts ``path<suffix>`` to ``path`` (then delete them); hash the whole file."""
+    digest = hashlib.sha256()
+    with open(path, "r+b") as out:
+        while chunk := out.read(1 << 20):
+            digest.update(chunk)
+        for suffix in suffixes:
+            part = path.with_name(path.name + suffix)
+            with open(part, "rb") as source:
+                while chunk := source.read(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            part.unlink()
+        size = out.tell()
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_groups: range,
+                      suffix: str) -> list[dict]:
+    """Read the row groups ``row_groups``, and write their records of every shard to ``<shard file><suffix>``.
+
+    Returns ``[{"records", "bytes", "sha256"}]``, one per shard, of what this call wrote.
     """
     import pyarrow.parquet as pq
 
+    reuse_freed_memory()
     columns = spec_columns(spec)
     names = _shard_names(spec)
     first_shard = np.cumsum([0] + [spec.shards[split] for split in SPLITS])[:-1]
     shards_per_split = np.array([spec.shards[split] for split in SPLITS], np.uint64)
-    writers = {i: TFRecordFileWriter(Path(out_dir) / names[i], COMPRESSION) for i in range(len(names))
-               if i % workers == worker}
+    writers = [TFRecordFileWriter(Path(out_dir) / (name + suffix), COMPRESSION) for name in names]
     try:
         # pre_buffer=False: pyarrow would otherwise buffer every row group ahead (memory grows with the file).
         parquet = pq.ParquetFile(parquet_path, pre_buffer=False)
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(spec.columns)):
-            # Strings as categoricals: each distinct value is hashed and encoded once.
-            frame = batch.to_pandas(strings_to_categorical=True)
-            split_index, shard_hash = split_assignment(spec, frame)
-            shard = first_shard[split_index] + (shard_hash % shards_per_split[split_index]).astype(np.int64)
-            keep = np.flatnonzero(shard % workers == worker)
-            if not len(keep):
-                continue
-            # Rows of each shard together, in input order, so that each shard's records are one slice.
-            keep = keep[np.argsort(shard[keep], kind="stable")]
-            shard = shard[keep]
-            values = {c.name: _column(frame[c.name])[keep] for c in columns}
-            rows = encode_padded(columns, values, reserve=FRAMING)
-            bounds = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(shard)]
-            for start, stop in zip(bounds[:-1], bounds[1:]):
-                writers[int(shard[start])].write(rows.rows(start, stop))
+        for group in row_groups:
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=list(spec.columns)):
+                # Strings as categoricals: each distinct value is hashed and encoded once.
+                frame = batch.to_pandas(strings_to_categorical=True)
+                split_index, shard_hash = split_assignment(spec, frame)
+                shard = first_shard[split_index] + (shard_hash % shards_per_split[split_index]).astype(np.int64)
+                # Rows of each shard together, in input order, so that each shard's records are one slice.
+                order = np.argsort(shard, kind="stable")
+                shard = shard[order]
+                values = {c.name: _column(frame[c.name])[order] for c in columns}
+                rows = encode_padded(columns, values, reserve=FRAMING)
+                bounds = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(shard)]
+                for start, stop in zip(bounds[:-1], bounds[1:]):
+                    writers[int(shard[start])].write(rows.rows(start, stop))
+            for writer in writers:
+                writer.end_member()
     finally:
-        for writer in writers.values():
+        for writer in writers:
             writer.close()
-    return {i: {"file": names[i], "records": w.records, "bytes": w.bytes, "sha256": w.sha256}
-            for i, w in writers.items()}
+    return [{"records": w.records, "bytes": w.bytes, "sha256": w.sha256} for w in writers]
+
+
+def reuse_freed_memory() -> None:
+    """Keep freed memory in this process for the next batch, instead of handing it back to the OS.
+
+    Each batch allocates arrays of tens of MiB; glibc returns such blocks to the OS on
+    free, so the next batch's first touch of every page faults (measured: a third of
+    the encode time, ``benchmarks/bench_shard.py``). Peak memory is unchanged.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: blocks up to 32 MiB come from the heap
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # and the heap is not trimmed below 1 GiB free
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def _column(series):

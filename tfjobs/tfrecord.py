@@ -11,7 +11,7 @@ frames a whole batch at once, in the padded rows the encoder leaves room in:
 lengths and their CRCs with NumPy (records of one length share one CRC), each
 record's CRC32C by table lookups over the bytes that differ between records
 (:func:`record_crc32c`, checked against Google's ``google-crc32c``), and the framed bytes go
-through one gzip stream per file, compressed by Intel's ISA-L (``isal``; the same
+through gzip, compressed by Intel's ISA-L (``isal``; the same
 gzip format that TensorFlow writes and reads, several times faster than zlib). Files read back with
 ``tf.data.TFRecordDataset`` (the tests check it, record for record).
 """
@@ -49,8 +49,10 @@ def frame_in_place(rows: PaddedRows) -> np.ndarray:
     data = rows.data
     lengths = rows.lengths - sum(FRAMING)
     crcs = record_crc32c(rows)
-    distinct, which = np.unique(lengths, return_inverse=True)
-    length_crcs = np.array([masked_crc32c(int(n).to_bytes(8, "little")) for n in distinct], np.uint32)[which]
+    # Records of one length share the length's CRC: one per length between the shortest and the longest.
+    shortest = int(lengths.min())
+    length_crcs = np.array([masked_crc32c(n.to_bytes(8, "little")) for n in range(shortest, int(lengths.max()) + 1)],
+                           np.uint32)[lengths - shortest]
     data[:, 0:8] = lengths.astype("<u8").view(np.uint8).reshape(-1, 8)
     data[:, 8:12] = length_crcs.astype("<u4").view(np.uint8).reshape(-1, 4)
     # The record's CRC goes right after its last valid byte: into the last 4 columns, which are always valid.
@@ -59,53 +61,127 @@ def frame_in_place(rows: PaddedRows) -> np.ndarray:
 
 
 def record_crc32c(rows: PaddedRows) -> np.ndarray:
-    """CRC32C of each record (the valid bytes between the framing), without a Python call per row.
+    """CRC32C of each record (its body, between the framing), without a Python call per row.
 
-    A CRC is linear over GF(2) for messages of one length: crc(m) = crc(t) ^ crc0(m ^ t),
-    where crc0 has no initial value and no final XOR. Rows of one layout have the
-    same length; against the layout's first row as the template t, ``m ^ t`` is zero
-    except in the value columns (keys and framing are the same in every record), and
-    crc0 of it is the XOR, over those columns, of one 256-entry table lookup each.
-    A categorical block (a string feature) costs one lookup per row: its contribution
-    is computed once per distinct value.
+    A CRC register is linear over GF(2): after a piece ``b`` it is
+    ``shift(register, len(b)) ^ crc0(b)``, where ``shift`` is the effect of ``len(b)`` zero
+    bytes and ``crc0`` the CRC with no initial value. So the records' registers are
+    carried through the pieces they are made of (``rows.body``), all rows at once:
+    a shift is four 256-entry table lookups, a byte that differs between rows is one
+    lookup, bytes the same in every row are one constant per run, and a piece that
+    holds a table of distinct values (a string feature) costs one lookup per row, its
+    values' CRCs being computed once. Checked against Google's ``google-crc32c``.
     """
-    data, valid = rows.data, rows.valid
-    body = np.zeros(data.shape[1], bool)
-    body[FRAMING[0] : data.shape[1] - FRAMING[1]] = True
-    value_columns = rows.value_columns
-    values = data[:, value_columns]
-    groups = [np.arange(len(data))] if rows.layout is None else _groups(rows.layout)
-    crcs = np.empty(len(data), np.uint32)
-    for group in groups:
-        first = group[0]
-        mask = body if valid is None else body & valid[first]
-        length = int(mask.sum())
-        position = np.cumsum(mask) - 1  # a column's byte position in the record
-        template = data[first]
-        crc = np.full(len(group), google_crc32c.value(template[mask].tobytes()), np.uint32)
-        keep = mask[value_columns]
-        if keep.any():
-            differences = (values[group] if len(group) < len(data) else values)[:, keep] ^ template[value_columns[keep]]
-            tables = _position_tables(length, tuple(position[value_columns[keep]].tolist()))
-            for j in range(len(tables)):
-                crc ^= tables[j][differences[:, j]]
-        for block in rows.categorical:
-            # One contribution per distinct value, then one lookup per row.
-            columns = np.arange(block.start, block.start + block.table.shape[1])
-            used = np.flatnonzero(mask[columns])
-            differences = block.table[:, used] ^ block.table[block.codes[first], used]
-            tables = _position_tables(length, tuple(position[columns[used]].tolist()))
-            contribution = np.zeros(len(block.table), np.uint32)
-            for j in range(len(tables)):
-                contribution ^= tables[j][differences[:, j]]
-            crc ^= contribution[block.codes[group]]
-        crcs[group] = crc
-    return crcs
+    register: np.ndarray | int = 0xFFFFFFFF  # every row's register, one number while they are all the same
+    run: list = []  # fixed-width pieces not yet folded in
+
+    def fold_run(register):
+        width = sum(piece.width for piece in run)
+        if not width:
+            return register
+        register = _shift(register, width)
+        constant = b"".join(bytes(piece.width) if piece.varies else piece.constant for piece in run)
+        register ^= _crc0(constant)
+        end = width
+        for piece in reversed(run):
+            end -= piece.width
+            if not piece.varies:
+                continue
+            distances = range(width - end - 1, width - end - 1 - piece.width, -1)  # of each byte to the run's end
+            if piece.codes is not None:  # one contribution per distinct value, then a lookup per row
+                contribution = np.zeros(len(piece.table), np.uint32)
+                for j, distance in enumerate(distances):
+                    contribution ^= _byte_tables(distance)[piece.table[:, j]]
+                register = register ^ contribution[piece.codes]
+            else:
+                for j, distance in enumerate(distances):
+                    register = register ^ _byte_tables(distance)[piece.data[:, j]]
+        run.clear()
+        return register
+
+    for piece in rows.body:
+        if piece.lengths is None:
+            run.append(piece)
+            continue
+        register = np.broadcast_to(np.asarray(fold_run(register), np.uint32), piece.lengths.shape)
+        if piece.codes is not None:  # each distinct value's length and CRC, then a lookup per row
+            contribution = np.array([_crc0(row[:n].tobytes()) for row, n in zip(piece.table, piece.table_lengths)],
+                                    np.uint32)
+            register = _shift_by_code(register, piece.codes, piece.table_lengths) ^ contribution[piece.codes]
+        else:  # rows grouped by their length
+            register = register.copy()
+            for n in np.unique(piece.lengths).tolist():
+                which = np.flatnonzero(piece.lengths == n)
+                part = _shift(register[which], n)
+                for j in range(n):
+                    part ^= _byte_tables(n - 1 - j)[piece.data[which, j]]
+                register[which] = part
+    register = fold_run(register)
+    return np.broadcast_to(np.asarray(register, np.uint32) ^ np.uint32(0xFFFFFFFF), rows.lengths.shape).copy()
 
 
-def _groups(labels: np.ndarray) -> list[np.ndarray]:
-    order = np.argsort(labels, kind="stable")
-    return np.split(order, np.flatnonzero(np.diff(labels[order])) + 1)
+_POLYNOMIAL = 0x82F63B78  # CRC32C (Castagnoli), bit-reflected
+
+
+@functools.lru_cache(maxsize=1024)
+def _zero_byte_images(count: int) -> tuple[int, ...]:
+    """The register after ``count`` zero bytes, for each of its 32 one-bit starting values."""
+    if count == 0:
+        return tuple(1 << bit for bit in range(32))
+    if count == 1:
+        images = []
+        for bit in range(32):
+            register = 1 << bit
+            for _ in range(8):
+                register = (register >> 1) ^ (_POLYNOMIAL if register & 1 else 0)
+            images.append(register)
+        return tuple(images)
+    half = _zero_byte_images(count // 2)
+    rest = _zero_byte_images(count - count // 2)
+    return tuple(_apply(half, image) for image in rest)
+
+
+def _apply(images: tuple[int, ...], register: int) -> int:
+    out = 0
+    for bit in range(32):
+        if register >> bit & 1:
+            out ^= images[bit]
+    return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _shift_tables(count: int) -> np.ndarray:
+    """[4, 256]: the effect of ``count`` zero bytes on each byte of a register, by value."""
+    images = np.array(_zero_byte_images(count), np.uint32).reshape(4, 8)
+    bits = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)  # [256, 8]
+    return np.bitwise_xor.reduce(np.where(bits[None], images[:, None, :], np.uint32(0)), axis=2)
+
+
+def _shift(register, count: int):
+    """Registers after ``count`` zero bytes (an int, or an array of them)."""
+    if isinstance(register, int):
+        return _apply(_zero_byte_images(count), register)
+    tables = _shift_tables(count)
+    return (tables[0][register & 0xFF] ^ tables[1][(register >> 8) & 0xFF]
+            ^ tables[2][(register >> 16) & 0xFF] ^ tables[3][register >> 24])
+
+
+def _shift_by_code(register: np.ndarray, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Row i's register after ``counts[codes[i]]`` zero bytes."""
+    tables = np.stack([_shift_tables(int(n)) for n in counts]).reshape(-1)  # [codes, 4, 256]
+    base = codes.astype(np.intp) * 1024
+    return (tables[base + (register & 0xFF)] ^ tables[base + 256 + ((register >> 8) & 0xFF)]
+            ^ tables[base + 512 + ((register >> 16) & 0xFF)] ^ tables[base + 768 + (register >> 24)])
+
+
+def _byte_tables(distance: int) -> np.ndarray:
+    """crc0 of a byte followed by ``distance`` zero bytes, by the byte's value."""
+    return _shift_tables(distance + 1)[0]
+
+
+def _crc0(data: bytes) -> int:
+    """The CRC register's change over ``data`` from a zero register (no initial value, no final XOR)."""
+    return google_crc32c.value(data) ^ google_crc32c.value(bytes(len(data)))
 
 
 def _mask(crcs: np.ndarray) -> np.ndarray:
@@ -113,34 +189,21 @@ def _mask(crcs: np.ndarray) -> np.ndarray:
     return ((((crcs >> 15) | (crcs << 17)) + _MASK_DELTA) & 0xFFFFFFFF).astype(np.uint32)
 
 
-@functools.lru_cache(maxsize=4096)
-def _position_tables(length: int, positions: tuple[int, ...]) -> np.ndarray:
-    """For each position p: crc0 of a ``length``-byte message holding byte x at p, for all x."""
-    zeros_crc = google_crc32c.value(bytes(length))
-    message = bytearray(length)
-    basis = np.empty((len(positions), 8), np.uint32)
-    for i, position in enumerate(positions):
-        for bit in range(8):
-            message[position] = 1 << bit
-            basis[i, bit] = google_crc32c.value(bytes(message)) ^ zeros_crc
-        message[position] = 0
-    bits = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)  # [256, 8]
-    tables = np.zeros((len(positions), 256), np.uint32)
-    for bit in range(8):
-        tables ^= np.where(bits[:, bit], basis[:, bit : bit + 1], np.uint32(0))
-    return tables
-
-
 class TFRecordFileWriter:
-    """Appends batches of records to one TFRecord file, GZIP-compressed or not."""
+    """Appends batches of records to one TFRecord file, GZIP-compressed or not.
+
+    A GZIP file may hold several gzip members back to back (``end_member``), as
+    gzip allows and TensorFlow reads: files written in parts by several processes
+    and concatenated are then the same bytes as one written whole.
+    """
 
     def __init__(self, path: str | Path, compression: str = "GZIP", level: int = DEFAULT_GZIP_LEVEL):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         self.path = Path(path)
         self._file = open(self.path, "wb")
-        # wbits=31: a gzip stream (header mtime 0, so the same records give the same bytes).
-        self._zlib = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31) if compression == "GZIP" else None
+        self._level = level if compression == "GZIP" else None
+        self._zlib = None  # the open gzip member's compressor
         self.records = 0
         self.bytes = 0
         self._digest = hashlib.sha256()  # of the file's bytes, so nobody has to read it back
@@ -159,12 +222,20 @@ class TFRecordFileWriter:
         if not len(rows.data):
             return
         framed = frame_in_place(rows)
+        if self._level is not None and self._zlib is None:
+            # wbits=31: a gzip member (header mtime 0, so the same records give the same bytes).
+            self._zlib = isal_zlib.compressobj(self._level, isal_zlib.DEFLATED, 31)
         self._emit(self._zlib.compress(framed) if self._zlib else framed)
         self.records += len(rows.data)
 
-    def close(self) -> None:
+    def end_member(self) -> None:
+        """Finish the open gzip member, if any: the next records start a new one."""
         if self._zlib is not None:
             self._emit(self._zlib.flush())
+            self._zlib = None
+
+    def close(self) -> None:
+        self.end_member()
         self._file.close()
 
     def __enter__(self) -> TFRecordFileWriter:

@@ -46,6 +46,8 @@ DATA_FILE = "data.parquet"
 QUARANTINE_FILE = "quarantine.csv"
 REPORT = "report.json"
 CHUNK_ROWS = 200_000
+# Parquet row groups of this many rows: the shard step splits its work between processes by row group.
+ROW_GROUP_ROWS = 65_536
 LINE_COLUMN = "_line"
 REASON_COLUMN = "_reason"
 
@@ -161,7 +163,7 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
             good = {name: values[~bad] for name, values in typed.items()}
             rows_valid += int((~bad).sum())
             if len(good[spec.label.name]):
-                writer.write_table(pa.table(good, schema=schema))
+                writer.write_table(pa.table(good, schema=schema), row_group_size=ROW_GROUP_ROWS)
         if rows_in == 0:
             raise ValueError(f"{source} has a header but no rows")
         if not header_written:
