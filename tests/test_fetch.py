@@ -64,6 +64,21 @@ def test_sklearn_bundled_dataset(store):
         fetch_dataset(tiny_spec(source={"kind": "sklearn", "name": "irises"}), f"{store}/raw2")
 
 
+def test_tfds_dataset_with_class_labels_as_names(store):
+    import tensorflow_datasets as tfds
+
+    spec = tiny_spec(source={"kind": "tfds", "name": "penguins/simple", "split": "train"})
+    # TFDS's own mock: examples generated from the dataset's feature spec, nothing downloaded.
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = fetch_dataset(spec, f"{store}/raw")
+    manifest = read_json(result.manifest_uri)
+    assert result.rows == 12 and manifest["source"] == "tfds:penguins/simple/train"
+    assert {"species", "island", "body_mass_g"} <= set(manifest["columns"])
+    rows = store_for(result.data_uri).read_bytes(result.data_uri).decode().splitlines()
+    species = [dict(zip(rows[0].split(","), line.split(",")))["species"] for line in rows[1:]]
+    assert set(species) <= {"Adelie", "Chinstrap", "Gentoo"} and species
+
+
 def test_landing_prefix_reads_the_partitions_file(tmp_path, store):
     landing = tmp_path / "landing"
     landing.mkdir()

@@ -166,11 +166,20 @@ def _fetch_sklearn(name: str, target: Path) -> str:
 
 
 def _fetch_tfds(source: SourceSpec, target: Path) -> str:
-    """A TFDS dataset's split as CSV; TFDS downloads it unless it is prepared in ``data_dir``."""
+    """A TFDS dataset's split as CSV; TFDS downloads it unless it is prepared in ``data_dir``.
+
+    Class labels are written as their names (``Adelie``, not ``0``), as the spec's
+    categorical features and class lists name them.
+    """
     import tensorflow_datasets as tfds
 
     dataset, info = tfds.load(source.name, split=source.split, with_info=True, data_dir=source.uri or None)
-    tfds.as_dataframe(dataset, info).to_csv(target, index=False)
+    frame = tfds.as_dataframe(dataset, info)
+    features = dict(info.features.items()) if isinstance(info.features, tfds.features.FeaturesDict) else {}
+    for name in frame.columns:
+        if isinstance(features.get(name), tfds.features.ClassLabel):
+            frame[name] = [features[name].int2str(int(v)) for v in frame[name]]
+    frame.to_csv(target, index=False)
     return f"tfds:{source.name}/{source.split}"
 
 
