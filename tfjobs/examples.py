@@ -91,12 +91,6 @@ class PaddedRows:
         """Every row's bytes back to back, in row order."""
         return self.data.ravel() if self.valid is None else self.data[self.valid]
 
-    def rows(self, start: int, stop: int) -> PaddedRows:
-        """Rows ``start:stop``, as views (no copy)."""
-        valid = None if self.valid is None else self.valid[start:stop]
-        return PaddedRows(self.data[start:stop], valid, self.lengths[start:stop],
-                          tuple(piece.rows(start, stop) for piece in self.body))
-
 
 @dataclass(frozen=True)
 class RecordPiece:
@@ -113,13 +107,6 @@ class RecordPiece:
     @property
     def varies(self) -> bool:
         return self.data is not None or self.codes is not None
-
-    def rows(self, start: int, stop: int) -> RecordPiece:
-        def cut(array):
-            return None if array is None else array[start:stop]
-
-        return RecordPiece(self.width, self.constant, cut(self.data), cut(self.lengths), cut(self.codes),
-                           self.table, self.table_lengths)
 
 
 def encode_padded(

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import ctypes
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -40,7 +39,7 @@ from tfjobs.examples import encode_padded, spec_columns
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
 from tfjobs.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
 from tfjobs.store import write_json
-from tfjobs.tfrecord import FRAMING, TFRecordFileWriter
+from tfjobs.tfrecord import FRAMING, TFRecordFileWriter, frame_in_place
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +133,23 @@ def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path, process
     suffixes = [""] + [f".part{k}" for k in range(1, len(runs))]  # the first part is written in place
     jobs = [(spec, str(parquet_path), str(out_dir), run, suffix) for run, suffix in zip(runs, suffixes)]
     if len(jobs) == 1:
-        parts = [_write_row_groups(*jobs[0])]
+        writers = _write_row_groups(*jobs[0])
+        shards = [{"records": w.records, "bytes": w.bytes, "sha256": w.sha256} for w in writers]
     else:
         # fork is fast, but not safe once TensorFlow's threads exist in this process: then spawn.
         context = multiprocessing.get_context("spawn" if "tensorflow" in sys.modules else "fork")
-        with concurrent.futures.ProcessPoolExecutor(len(jobs), mp_context=context) as pool:
-            parts = list(pool.map(_write_row_groups, *zip(*jobs)))
-    if len(parts) == 1:
-        shards = parts[0]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
-            joined = pool.map(lambda name: _join_parts(out_dir / name, suffixes[1:]), names)
-            shards = [{"records": sum(part[i]["records"] for part in parts), **file} for i, file in enumerate(joined)]
+        pool = concurrent.futures.ProcessPoolExecutor(len(jobs) - 1, mp_context=context)
+        try:
+            others = pool.map(_count_row_groups_written, *zip(*jobs[1:]))
+            writers = _write_row_groups(*jobs[0])  # the first run in this process, meanwhile
+            others = list(others)
+        finally:
+            pool.shutdown(wait=False)  # the workers exit while the parts are joined
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as threads:
+            joined = list(threads.map(lambda name, writer: _join_parts(out_dir / name, suffixes[1:], writer),
+                                      names, writers))
+        shards = [{"records": writers[i].records + sum(other[i] for other in others), **file}
+                  for i, file in enumerate(joined)]
     splits, index = {}, 0
     for split in SPLITS:
         written = [{"file": names[i], **shards[i]} for i in range(index, index + spec.shards[split])]
@@ -168,12 +172,13 @@ def _row_group_runs(group_rows: list[int], processes: int) -> list[range]:
     return [range(start, stop) for start, stop in zip(edges[:-1], edges[1:])]
 
 
-def _join_parts(path: Path, suffixes: list[str]) -> dict:
-    """Append the parts ``path<suffix>`` to ``path`` (then delete them); hash the whole file."""
-    digest = hashlib.sha256()
-    with open(path, "r+b") as out:
-        while chunk := out.read(1 << 20):
-            digest.update(chunk)
+def _join_parts(path: Path, suffixes: list[str], writer: TFRecordFileWriter) -> dict:
+    """Append the parts ``path<suffix>`` to ``path``, which ``writer`` wrote, then delete them.
+
+    The file's SHA-256 goes on from the writer's, over the parts' bytes as they are copied.
+    """
+    digest = writer.hash_state()
+    with open(path, "ab") as out:
         for suffix in suffixes:
             part = path.with_name(path.name + suffix)
             with open(part, "rb") as source:
@@ -185,11 +190,17 @@ def _join_parts(path: Path, suffixes: list[str]) -> dict:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
+def _count_row_groups_written(*args) -> list[int]:
+    """``_write_row_groups`` in a worker process: the records written to each shard's part."""
+    return [writer.records for writer in _write_row_groups(*args)]
+
+
 def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_groups: range,
-                      suffix: str) -> list[dict]:
+                      suffix: str) -> list[TFRecordFileWriter]:
     """Read the row groups ``row_groups``, and write their records of every shard to ``<shard file><suffix>``.
 
-    Returns ``[{"records", "bytes", "sha256"}]``, one per shard, of what this call wrote.
+    Each (row group, shard) pair's records form one gzip member, whatever the batches.
+    Returns the closed writers, one per shard: what each wrote (records, bytes, SHA-256).
     """
     import pyarrow.parquet as pq
 
@@ -199,29 +210,54 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
     first_shard = np.cumsum([0] + [spec.shards[split] for split in SPLITS])[:-1]
     shards_per_split = np.array([spec.shards[split] for split in SPLITS], np.uint64)
     writers = [TFRecordFileWriter(Path(out_dir) / (name + suffix), COMPRESSION) for name in names]
+    member_of = [-1] * len(names)  # the row group whose records each writer's open gzip member holds
+    pending: list[list] = [[] for _ in names]  # and those records, framed, not yet compressed
+
+    def finish_member(index: int) -> None:
+        # Compressed in one call: a member's bytes do not depend on where batches cut it.
+        if pending[index]:
+            parts = [part for part, _ in pending[index]]
+            framed = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            writers[index].write_framed(framed, sum(records for _, records in pending[index]))
+            pending[index] = []
+        writers[index].end_member()
+
     try:
         # pre_buffer=False: pyarrow would otherwise buffer every row group ahead (memory grows with the file).
         parquet = pq.ParquetFile(parquet_path, pre_buffer=False)
-        for group in row_groups:
-            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=list(spec.columns)):
-                # Strings as categoricals: each distinct value is hashed and encoded once.
-                frame = batch.to_pandas(strings_to_categorical=True)
-                split_index, shard_hash = split_assignment(spec, frame)
-                shard = first_shard[split_index] + (shard_hash % shards_per_split[split_index]).astype(np.int64)
-                # Rows of each shard together, in input order, so that each shard's records are one slice.
-                order = np.argsort(shard, kind="stable")
-                shard = shard[order]
-                values = {c.name: _column(frame[c.name])[order] for c in columns}
-                rows = encode_padded(columns, values, reserve=FRAMING)
-                bounds = [0, *(np.flatnonzero(np.diff(shard)) + 1).tolist(), len(shard)]
-                for start, stop in zip(bounds[:-1], bounds[1:]):
-                    writers[int(shard[start])].write(rows.rows(start, stop))
-            for writer in writers:
-                writer.end_member()
+        group_ends = np.cumsum([parquet.metadata.row_group(g).num_rows for g in row_groups])
+        read = 0
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=list(row_groups),
+                                          columns=list(spec.columns)):
+            # Strings as categoricals: each distinct value is hashed and encoded once.
+            frame = batch.to_pandas(strings_to_categorical=True)
+            split_index, shard_hash = split_assignment(spec, frame)
+            shard = first_shard[split_index] + (shard_hash % shards_per_split[split_index]).astype(np.int64)
+            group = np.searchsorted(group_ends, np.arange(read, read + len(frame)), side="right")
+            read += len(frame)
+            # Rows of each (row group, shard) together, in input order: each is one slice of the batch.
+            key = group * len(names) + shard
+            order = np.argsort(key, kind="stable")
+            key = key[order]
+            rows = encode_padded(columns, {c.name: _column(frame[c.name])[order] for c in columns}, reserve=FRAMING)
+            framed = frame_in_place(rows)  # the whole batch at once; each slice is a range of its bytes
+            offsets = np.concatenate([[0], np.cumsum(rows.lengths)]).tolist()
+            bounds = [0, *(np.flatnonzero(np.diff(key)) + 1).tolist(), len(key)]
+            for start, stop in zip(bounds[:-1], bounds[1:]):
+                member, index = divmod(int(key[start]), len(names))
+                if member_of[index] != member:
+                    finish_member(index)
+                    member_of[index] = member
+                pending[index].append((framed[offsets[start] : offsets[stop]], stop - start))
+            for index in range(len(names)):  # members of row groups that ended in this batch are complete
+                if member_of[index] < group[-1]:
+                    finish_member(index)
+        for index in range(len(names)):
+            finish_member(index)
     finally:
         for writer in writers:
             writer.close()
-    return [{"records": w.records, "bytes": w.bytes, "sha256": w.sha256} for w in writers]
+    return writers
 
 
 def reuse_freed_memory() -> None:

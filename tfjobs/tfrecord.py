@@ -212,6 +212,10 @@ class TFRecordFileWriter:
     def sha256(self) -> str:
         return self._digest.hexdigest()
 
+    def hash_state(self):
+        """A copy of the SHA-256 state over the bytes written so far, to hash more bytes onto."""
+        return self._digest.copy()
+
     def _emit(self, data) -> None:
         self._file.write(data)
         self._digest.update(data)
@@ -219,14 +223,18 @@ class TFRecordFileWriter:
 
     def write(self, rows: PaddedRows) -> None:
         """Append records encoded with ``encode_padded(..., reserve=FRAMING)``."""
-        if not len(rows.data):
+        if len(rows.data):
+            self.write_framed(frame_in_place(rows), len(rows.data))
+
+    def write_framed(self, framed: np.ndarray, records: int) -> None:
+        """Append ``records`` records already framed (``frame_in_place``), back to back."""
+        if not records:
             return
-        framed = frame_in_place(rows)
         if self._level is not None and self._zlib is None:
             # wbits=31: a gzip member (header mtime 0, so the same records give the same bytes).
             self._zlib = isal_zlib.compressobj(self._level, isal_zlib.DEFLATED, 31)
         self._emit(self._zlib.compress(framed) if self._zlib else framed)
-        self.records += len(rows.data)
+        self.records += records
 
     def end_member(self) -> None:
         """Finish the open gzip member, if any: the next records start a new one."""
