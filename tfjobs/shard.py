@@ -131,7 +131,9 @@ def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path, process
     metadata = pq.ParquetFile(parquet_path).metadata
     runs = _row_group_runs([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)], processes)
     suffixes = [""] + [f".part{k}" for k in range(1, len(runs))]  # the first part is written in place
-    jobs = [(spec, str(parquet_path), str(out_dir), run, suffix) for run, suffix in zip(runs, suffixes)]
+    # One process: pyarrow's threads decode Parquet on every core; several: one thread each, or they oversubscribe.
+    threads = len(runs) == 1
+    jobs = [(spec, str(parquet_path), str(out_dir), run, suffix, threads) for run, suffix in zip(runs, suffixes)]
     if len(jobs) == 1:
         writers = _write_row_groups(*jobs[0])
         shards = [{"records": w.records, "bytes": w.bytes, "sha256": w.sha256} for w in writers]
@@ -196,10 +198,11 @@ def _count_row_groups_written(*args) -> list[int]:
 
 
 def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_groups: range,
-                      suffix: str) -> list[TFRecordFileWriter]:
+                      suffix: str, threads: bool = True) -> list[TFRecordFileWriter]:
     """Read the row groups ``row_groups``, and write their records of every shard to ``<shard file><suffix>``.
 
     Each (row group, shard) pair's records form one gzip member, whatever the batches.
+    ``threads``: whether pyarrow decodes with its thread pool (not when a process per core runs).
     Returns the closed writers, one per shard: what each wrote (records, bytes, SHA-256).
     """
     import pyarrow.parquet as pq
@@ -228,9 +231,9 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
         group_ends = np.cumsum([parquet.metadata.row_group(g).num_rows for g in row_groups])
         read = 0
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=list(row_groups),
-                                          columns=list(spec.columns)):
+                                          columns=list(spec.columns), use_threads=threads):
             # Strings as categoricals: each distinct value is hashed and encoded once.
-            frame = batch.to_pandas(strings_to_categorical=True)
+            frame = batch.to_pandas(strings_to_categorical=True, use_threads=threads)
             split_index, shard_hash = split_assignment(spec, frame)
             shard = first_shard[split_index] + (shard_hash % shards_per_split[split_index]).astype(np.int64)
             group = np.searchsorted(group_ends, np.arange(read, read + len(frame)), side="right")
