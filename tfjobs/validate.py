@@ -47,7 +47,7 @@ QUARANTINE_FILE = "quarantine.csv"
 REPORT = "report.json"
 CHUNK_ROWS = 200_000
 # Parquet row groups of this many rows: the shard step splits its work between processes by row group.
-ROW_GROUP_ROWS = 32_768
+ROW_GROUP_ROWS = 65_536
 LINE_COLUMN = "_line"
 REASON_COLUMN = "_reason"
 
