@@ -85,7 +85,7 @@ class PaddedRows:
     data: np.ndarray  # uint8 [rows, width]
     valid: np.ndarray | None  # bool [rows, width]
     lengths: np.ndarray  # int64 [rows]: valid bytes per row
-    body: tuple[RecordPiece, ...] = ()
+    body: tuple[RecordPiece, ...]
 
     def compact(self) -> np.ndarray:
         """Every row's bytes back to back, in row order."""

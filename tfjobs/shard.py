@@ -132,8 +132,9 @@ def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path, process
     runs = _row_group_runs([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)], processes)
     suffixes = [""] + [f".part{k}" for k in range(1, len(runs))]  # the first part is written in place
     # One process: pyarrow's threads decode Parquet on every core; several: one thread each, or they oversubscribe.
-    threads = len(runs) == 1
-    jobs = [(spec, str(parquet_path), str(out_dir), run, suffix, threads) for run, suffix in zip(runs, suffixes)]
+    parquet_threads = len(runs) == 1
+    jobs = [(spec, str(parquet_path), str(out_dir), run, suffix, parquet_threads)
+            for run, suffix in zip(runs, suffixes)]
     if len(jobs) == 1:
         writers = _write_row_groups(*jobs[0])
         shards = [{"records": w.records, "bytes": w.bytes, "sha256": w.sha256} for w in writers]

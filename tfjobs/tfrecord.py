@@ -9,11 +9,11 @@ microseconds each, measured in ``benchmarks/bench_shard.py``), which caps a
 writer near its per-call rate however fast the records are encoded. This module
 frames a whole batch at once, in the padded rows the encoder leaves room in:
 lengths and their CRCs with NumPy (records of one length share one CRC), each
-record's CRC32C by table lookups over the bytes that differ between records
-(:func:`record_crc32c`, checked against Google's ``google-crc32c``), and the framed bytes go
-through gzip, compressed by Intel's ISA-L (``isal``; the same
-gzip format that TensorFlow writes and reads, several times faster than zlib). Files read back with
-``tf.data.TFRecordDataset`` (the tests check it, record for record).
+record's CRC32C carried through the pieces the records are made of, by table
+lookups (:func:`record_crc32c`, checked against Google's ``google-crc32c``), and the
+framed bytes go through gzip, compressed by Intel's ISA-L (``isal``; the same gzip
+format that TensorFlow writes and reads, several times faster than zlib). Files read
+back with ``tf.data.TFRecordDataset`` (the tests check it, record for record).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ FRAMING = (12, 4)  # bytes before a record (length, its CRC) and after it (the r
 def frame_in_place(rows: PaddedRows) -> np.ndarray:
     """Fill the framing bytes that ``encode_padded(..., reserve=FRAMING)`` left, and join the records."""
     data = rows.data
+    if not len(data):
+        return rows.compact()
     lengths = rows.lengths - sum(FRAMING)
     crcs = record_crc32c(rows)
     # Records of one length share the length's CRC: one per length between the shortest and the longest.
