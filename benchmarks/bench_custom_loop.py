@@ -73,7 +73,7 @@ def run(quick: bool) -> list[Target]:
     targets = []
     for kind in ("wide_deep", "mlp"):
         with_fit = build(kind, spec)
-        fit_seconds = min(fit_epoch_seconds(with_fit, data, 4, shuffle=False)[1:])  # after a warm-up epoch
+        fit_seconds = min(fit_epoch_seconds(with_fit, 4, x=data, shuffle=False)[1:])  # after a warm-up epoch
         with_loop = build(kind, spec)
         with_loop(next(iter(data))[0])
         loop = GradientTapeLoop(with_loop, optimizer_groups(with_loop, spec.training.wide_learning_rate))

@@ -126,8 +126,8 @@ def run(quick: bool = False) -> list[Target]:
             # shards and fills the cache, later epochs read the cache.
             in_memory, streamed, first_epochs = [], [], []
             for _ in range(3):
-                in_memory += fit_epoch_seconds(model(), arrays, EPOCHS, y=target, batch_size=BATCH, shuffle=True)[1:]
-                times = fit_epoch_seconds(model(), pipeline(cache=True), EPOCHS, shuffle=False)
+                in_memory += fit_epoch_seconds(model(), EPOCHS, x=arrays, y=target, batch_size=BATCH, shuffle=True)[1:]
+                times = fit_epoch_seconds(model(), EPOCHS, x=pipeline(cache=True), shuffle=False)
                 streamed += times[1:]
                 first_epochs.append(times[0])
     steps = -(-train_rows // BATCH)

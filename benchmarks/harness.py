@@ -54,8 +54,8 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
     return min(times)
 
 
-def fit_epoch_seconds(model, x, epochs: int, **fit_args) -> list[float]:
-    """How long each epoch of one ``model.fit(x, epochs=epochs, ...)`` took, from Keras' own epoch callbacks.
+def fit_epoch_seconds(model, epochs: int, **fit_args) -> list[float]:
+    """How long each epoch of one ``model.fit(epochs=epochs, **fit_args)`` took, from Keras' own epoch callbacks.
 
     Timing epochs, not the call, keeps ``fit()``'s per-call setup out of its steps.
     """
@@ -70,7 +70,7 @@ def fit_epoch_seconds(model, x, epochs: int, **fit_args) -> list[float]:
         def on_epoch_end(self, epoch, logs=None):
             times.append(time.perf_counter() - self.started)
 
-    model.fit(x, epochs=epochs, verbose=0, callbacks=[EpochClock()], **fit_args)
+    model.fit(epochs=epochs, verbose=0, callbacks=[EpochClock()], **fit_args)
     return times
 
 
