@@ -20,7 +20,8 @@ from tfjobs.spec import load_spec
 from tfjobs.train import TrainArgs, train_model
 spec = load_spec(sys.argv[1])
 result = train_model(TrainArgs(spec, sys.argv[2], sys.argv[3], sys.argv[4], {"epochs": 25}))
-print(json.dumps({"backend": keras.backend.backend(), "epochs": result.epochs_run, "metrics": result.metrics}))
+summary = json.load(open(result.summary_uri))
+print(json.dumps({"backend": summary["backend"], "input": summary["input"], "metrics": result.metrics}))
 """
 
 
@@ -41,6 +42,7 @@ def jax_training(penguins_pipeline, tmp_path_factory):
 def test_training_runs_under_jax(jax_training):
     _, result = jax_training
     assert result["backend"] == "jax"
+    assert result["input"] == "memory"  # tfjobs.in_memory.ShuffledBatches, not a tf.data batch per step
     assert result["metrics"]["val_accuracy"] >= 0.9
 
 

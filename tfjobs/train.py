@@ -15,8 +15,11 @@ The training setting ``loop`` picks ``fit()`` or :mod:`tfjobs.custom_loop`
 (same loss, metrics, callbacks and outputs; two optimizers for a wide & deep
 model); ``loss`` picks the loss (``mse`` or :class:`tfjobs.losses.HuberLoss` for
 regression). A visible GPU is used with memory growth on; with several GPUs
-``fit()`` runs under ``tf.distribute.MirroredStrategy``. A re-run with the same inputs and
-hyperparameters rewrites nothing unless ``force`` is set.
+``fit()`` runs under ``tf.distribute.MirroredStrategy``. Under another Keras backend
+(``KERAS_BACKEND=jax``), ``fit()`` reads the preprocessed rows into memory once, when
+they fit, and trains from :class:`tfjobs.in_memory.ShuffledBatches` (on the GPU under
+JAX) rather than converting a tf.data batch on the host every step. A re-run with the
+same inputs and hyperparameters rewrites nothing unless ``force`` is set.
 
 Beyond one machine: when ``TF_CONFIG`` describes a cluster of several tasks, the
 same command runs on every task under ``tf.distribute.MultiWorkerMirroredStrategy``
@@ -173,6 +176,17 @@ def _result(output_uri: str, summary: dict, rewritten: bool) -> TrainResult:
     )
 
 
+def read_into_memory(batches) -> tuple:
+    """Every ``(features, target)`` batch of a finite dataset, joined into NumPy arrays of all its rows."""
+    import keras
+    import numpy as np
+
+    parts = list(batches.as_numpy_iterator())
+    if not parts:
+        raise ValueError("The dataset has no batches to read into memory")
+    return keras.tree.map_structure(lambda *pieces: np.concatenate(pieces), *parts)
+
+
 def encoded_row_bytes(preprocessor) -> int:
     """Bytes one preprocessed row takes in memory: float32 numerics, int64 ids, the label."""
     return 4 * len(preprocessor.numeric_names) + 8 * len(preprocessor.categorical_names) + 8
@@ -238,7 +252,20 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
     state = read_json(args.state_uri)
     preprocessor = FeaturePreprocessor(state)
 
+    def fits_in_memory(shards) -> bool:
+        return shards.records * encoded_row_bytes(preprocessor) < CACHE_LIMIT_BYTES
+
+    # Keras on another backend (JAX) would convert every tf.data batch on the host and copy it
+    # to the device: when the preprocessed rows fit in memory, it trains from there instead.
+    from_memory = keras.backend.backend() != "tensorflow" and settings.loop == "fit" and not multi_worker
+
     def dataset(shards, shuffle: bool):
+        if from_memory and fits_in_memory(shards):
+            from tfjobs.in_memory import ShuffledBatches
+
+            batches = training_batches(shards, preprocessor, spec.label.name, settings.batch_size)
+            features, target = read_into_memory(batches)
+            return ShuffledBatches(features, target, settings.batch_size, seed=settings.seed, shuffle=shuffle)
         batches = training_batches(
             shards,
             preprocessor,
@@ -246,7 +273,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             settings.batch_size,
             shuffle_rows=settings.shuffle_buffer if shuffle else 0,
             seed=settings.seed,
-            cache=shards.records * encoded_row_bytes(preprocessor) < CACHE_LIMIT_BYTES,
+            cache=fits_in_memory(shards),
         )
         return shard_by_batch(batches) if multi_worker else batches
 
@@ -255,6 +282,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
     ) as eval_shards:
         train_data = dataset(train_shards, shuffle=True)
         eval_data = dataset(eval_shards, shuffle=False)
+        train_input = "memory" if isinstance(train_data, keras.utils.PyDataset) else "tf.data"
         with strategy.scope():
             model = build_training_model(spec, encoded_features(spec, preprocessor), kind)
             compile_for_task(model, spec, settings)
@@ -275,9 +303,9 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
         ]
         (out_dir / "checkpoints").mkdir()
         log.info(
-            "Training %s with %s on %d records (%d for validation, shards read %s): %s",
+            "Training %s with %s on %d records (%d for validation, shards read %s, batches from %s): %s",
             kind, "the custom loop" if settings.loop == "custom" else "fit()",
-            train_shards.records, eval_shards.records, train_shards.mode, settings,
+            train_shards.records, eval_shards.records, train_shards.mode, train_input, settings,
         )
         if settings.loop == "custom":
             from tfjobs.custom_loop import fit_with_gradient_tape
@@ -301,6 +329,8 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
         "dataset": spec.name,
         "model_kind": kind,
         "loop": settings.loop,
+        "input": train_input,
+        "backend": keras.backend.backend(),
         "settings": settings.__dict__,
         "epochs_run": len(epochs["val_loss"]),
         "best_epoch": best + 1,
