@@ -39,7 +39,8 @@ class ShuffledBatches(keras.utils.PyDataset):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        rows = {int(np.shape(array)[0]) for array in keras.tree.flatten((x, y))}
+        leaves = keras.tree.flatten((x, y))
+        rows = {int(np.shape(leaf)[0]) for leaf in leaves}
         if len(rows) != 1:
             raise ValueError(f"x and y must have the same number of rows, got row counts {sorted(rows)}")
         self.rows = rows.pop()
@@ -50,7 +51,6 @@ class ShuffledBatches(keras.utils.PyDataset):
         self._epoch = 0
         self._seed = seed
         self._cuts = tuple(range(batch_size, self.rows, batch_size))
-        leaves = keras.tree.flatten((x, y))
         self._structure = keras.tree.map_structure(lambda _: 0, (x, y))  # the shape of a batch, no data
         self._backend = keras.backend.backend()
         if self._backend == "jax":
