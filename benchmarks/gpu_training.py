@@ -9,9 +9,11 @@ The model is Shardline's housing MLP (8 normalized numbers, an embedded category
 dense 64 -> 32 -> 1) built by ``tfjobs.models``. ``fit()`` is timed on
 ``tfjobs.in_memory.ShuffledBatches`` (the rows on the device, reshuffled every epoch),
 and, with ``--keras-input``, on plain arrays on the host (NumPy) or on the device
-(``jax.Array``, which Keras gathers batch by batch), for each ``--steps-per-execution``. The anchor is the same architecture and Adam in
-plain ``jax.numpy``, with the data on the device: one jitted step per batch that slices
-its batch itself (one dispatch per step). A whole epoch under ``lax.scan`` (one dispatch
+(``jax.Array``, which Keras gathers batch by batch), for each ``--steps-per-execution``;
+with several, the fastest is reported as ``keras_fit`` and every one in
+``keras_fit_by_config``. The anchor is the same architecture and Adam in plain
+``jax.numpy``, with the data on the device: one jitted step per batch that slices its
+batch itself (one dispatch per step). A whole epoch under ``lax.scan`` (one dispatch
 per epoch) is printed too, as the ceiling for this model.
 """
 

@@ -70,12 +70,9 @@ class ShuffledBatches(keras.utils.PyDataset):
         return self.num_batches
 
     def __getitem__(self, index: int):
-        if self._batches is None:
+        if self._batches is None:  # the epoch's first batch asked for: cut them all
             self._batches = self._cut(self._epoch)
         return self._batches[index]
-
-    def on_epoch_begin(self) -> None:
-        self._batches = self._cut(self._epoch)
 
     def on_epoch_end(self) -> None:
         self._epoch += 1
