@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 from tfjobs.evaluate import evaluate_model
 from tfjobs.export import ExportArgs, export_model
+from tfjobs.train import STACKED_STEPS
 
 TRAIN_UNDER_JAX = """
 import json, sys
@@ -21,7 +22,8 @@ from tfjobs.train import TrainArgs, train_model
 spec = load_spec(sys.argv[1])
 result = train_model(TrainArgs(spec, sys.argv[2], sys.argv[3], sys.argv[4], {"epochs": 25}))
 summary = json.load(open(result.summary_uri))
-print(json.dumps({"backend": summary["backend"], "input": summary["input"], "metrics": result.metrics}))
+print(json.dumps({"backend": summary["backend"], "input": summary["input"], "steps_per_call": summary["steps_per_call"],
+                  "metrics": result.metrics}))
 """
 
 
@@ -43,6 +45,7 @@ def test_training_runs_under_jax(jax_training):
     _, result = jax_training
     assert result["backend"] == "jax"
     assert result["input"] == "memory"  # tfjobs.in_memory.ShuffledBatches, not a tf.data batch per step
+    assert result["steps_per_call"] == STACKED_STEPS  # stacks of batches, one lax.scan each
     assert result["metrics"]["val_accuracy"] >= 0.9
 
 

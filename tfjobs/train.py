@@ -18,7 +18,9 @@ regression). A visible GPU is used with memory growth on; with several GPUs
 ``fit()`` runs under ``tf.distribute.MirroredStrategy``. Under another Keras backend
 (``KERAS_BACKEND=jax``), ``fit()`` reads the preprocessed rows into memory once, when
 they fit, and trains from :class:`tfjobs.in_memory.ShuffledBatches` (on the GPU under
-JAX) rather than converting a tf.data batch on the host every step. A re-run with the
+JAX) rather than converting a tf.data batch on the host every step; under JAX it runs
+``STACKED_STEPS`` steps per compiled call (:func:`tfjobs.in_memory.scan_stacked_steps`).
+A re-run with the
 same inputs and hyperparameters rewrites nothing unless ``force`` is set.
 
 Beyond one machine: when ``TF_CONFIG`` describes a cluster of several tasks, the
@@ -56,6 +58,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "training_model.keras"
 SUMMARY_FILE = "training.json"
 CACHE_LIMIT_BYTES = 2 << 30  # keep preprocessed rows in memory after the first epoch below this
+STACKED_STEPS = 32  # under JAX, training steps per compiled call (tfjobs.in_memory.scan_stacked_steps)
 
 
 @dataclass(frozen=True)
@@ -259,19 +262,22 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
     # to the device: when the preprocessed rows fit in memory, it trains from there instead.
     from_memory = keras.backend.backend() != "tensorflow" and settings.loop == "fit" and not multi_worker
 
-    def dataset(shards, shuffle: bool):
+    def dataset(shards, for_training: bool):
+        """Training data is shuffled (and, from memory under JAX, stacked); validation data is neither."""
         if from_memory and fits_in_memory(shards):
             from tfjobs.in_memory import ShuffledBatches
 
             batches = training_batches(shards, preprocessor, spec.label.name, settings.batch_size)
             features, target = read_into_memory(batches)
-            return ShuffledBatches(features, target, settings.batch_size, seed=settings.seed, shuffle=shuffle)
+            stack = STACKED_STEPS if for_training and keras.backend.backend() == "jax" else None
+            return ShuffledBatches(features, target, settings.batch_size, seed=settings.seed, shuffle=for_training,
+                                   stack_steps=stack)
         batches = training_batches(
             shards,
             preprocessor,
             spec.label.name,
             settings.batch_size,
-            shuffle_rows=settings.shuffle_buffer if shuffle else 0,
+            shuffle_rows=settings.shuffle_buffer if for_training else 0,
             seed=settings.seed,
             cache=fits_in_memory(shards),
         )
@@ -280,12 +286,16 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
     with open_shards(args.shards_manifest_uri, "train") as train_shards, open_shards(
         args.shards_manifest_uri, "eval"
     ) as eval_shards:
-        train_data = dataset(train_shards, shuffle=True)
-        eval_data = dataset(eval_shards, shuffle=False)
+        train_data = dataset(train_shards, for_training=True)
+        eval_data = dataset(eval_shards, for_training=False)
         train_input = "memory" if isinstance(train_data, keras.utils.PyDataset) else "tf.data"
         with strategy.scope():
             model = build_training_model(spec, encoded_features(spec, preprocessor), kind)
             compile_for_task(model, spec, settings)
+        if getattr(train_data, "stack_steps", None):
+            from tfjobs.in_memory import scan_stacked_steps
+
+            scan_stacked_steps(model, train_data)
         if multi_worker:
             adapt_fit_to_multi_worker(model, strategy, next(iter(train_data)))
         callbacks = [
@@ -330,6 +340,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
         "model_kind": kind,
         "loop": settings.loop,
         "input": train_input,
+        "steps_per_call": getattr(train_data, "stack_steps", None) or 1,
         "backend": keras.backend.backend(),
         "settings": settings.__dict__,
         "epochs_run": len(epochs["val_loss"]),
