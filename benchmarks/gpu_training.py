@@ -6,12 +6,14 @@ TensorFlow, so it runs on a GPU machine that has JAX and Keras but no TensorFlow
     KERAS_BACKEND=jax python -m benchmarks.gpu_training --rows 4000000 --epochs 5
 
 The model is Shardline's housing MLP (8 normalized numbers, an embedded category,
-dense 64 -> 32 -> 1) built by ``tfjobs.models``. ``fit()`` is timed on
-``tfjobs.in_memory.ShuffledBatches`` (the rows on the device, reshuffled every epoch),
-and, with ``--keras-input``, on plain arrays on the host (NumPy) or on the device
-(``jax.Array``, which Keras gathers batch by batch), for each ``--steps-per-execution``;
-with several, the fastest is reported as ``keras_fit`` and every one in
-``keras_fit_by_config``. The anchor is the same architecture and Adam in plain
+dense 64 -> 32 -> 1) built by ``tfjobs.models``. ``fit()`` is timed as Shardline's
+training job runs it under JAX: on ``tfjobs.in_memory.ShuffledBatches`` (the rows on
+the device, reshuffled every epoch) stacked ``--steps-per-execution`` batches at a time,
+each stack one compiled ``lax.scan`` (``tfjobs.in_memory.scan_stacked_steps``). With
+``--keras-input`` it is also timed on the plain batches with Keras's own
+``steps_per_execution`` (``batches``), and on arrays on the host (NumPy) or on the device
+(``jax.Array``, which Keras gathers batch by batch). With several configs, the fastest is
+reported as ``keras_fit`` and every one in ``keras_fit_by_config``. The anchor is the same architecture and Adam in plain
 ``jax.numpy``, with the data on the device: one jitted step per batch that slices its
 batch itself (one dispatch per step). A whole epoch under ``lax.scan`` (one dispatch
 per epoch) is printed too, as the ceiling for this model.
@@ -35,9 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--steps-per-execution", type=int, nargs="+", default=[32],
                         help="one or more values; each trains a fresh model")
-    parser.add_argument("--keras-input", nargs="+", choices=("host", "device", "batches"), default=["batches"],
-                        help="what fit() is given: NumPy arrays (host), jax.Array on the device (device), or "
-                             "tfjobs.in_memory.ShuffledBatches (batches)")
+    parser.add_argument("--keras-input", nargs="+", choices=("host", "device", "batches", "stacked"),
+                        default=["stacked"],
+                        help="what fit() is given: NumPy arrays (host), jax.Array on the device (device), "
+                             "tfjobs.in_memory.ShuffledBatches (batches), or ShuffledBatches stacked for "
+                             "scan_stacked_steps (stacked)")
     args = parser.parse_args(argv)
     if os.environ.get("KERAS_BACKEND") != "jax":
         raise SystemExit("Run with KERAS_BACKEND=jax")
@@ -55,14 +59,15 @@ def main(argv: list[str] | None = None) -> None:
 
     x = {"numeric": numeric, "ocean_proximity": category}
     fit_inputs = {
-        "host": lambda: {"x": x, "y": target, "batch_size": BATCH, "shuffle": True},
-        "device": lambda: {"x": jax.device_put(x), "y": jax.device_put(target), "batch_size": BATCH, "shuffle": True},
-        "batches": lambda: {"x": ShuffledBatches(x, target, BATCH)},
+        "host": lambda steps: {"x": x, "y": target, "batch_size": BATCH, "shuffle": True},
+        "device": lambda steps: {"x": jax.device_put(x), "y": jax.device_put(target), "batch_size": BATCH, "shuffle": True},
+        "batches": lambda steps: {"x": ShuffledBatches(x, target, BATCH)},
+        "stacked": lambda steps: {"x": ShuffledBatches(x, target, BATCH, stack_steps=steps)},
     }
     keras_rates = {}
     for given in args.keras_input:
         for steps_per_execution in args.steps_per_execution:
-            rate = keras_fit_rate(fit_inputs[given](), rows, args.epochs, steps_per_execution)
+            rate = keras_fit_rate(fit_inputs[given](steps_per_execution), rows, args.epochs, steps_per_execution)
             keras_rates[f"{given}, steps_per_execution {steps_per_execution}"] = rate
     best = max(keras_rates, key=keras_rates.get)
     hand_written = hand_written_rates(numeric, category, target, args.epochs)
@@ -79,6 +84,7 @@ def keras_fit_rate(fit_args: dict, rows: int, epochs: int, steps_per_execution: 
     import keras
 
     from benchmarks.harness import fit_epoch_seconds
+    from tfjobs.in_memory import scan_stacked_steps
     from tfjobs.models import EncodedFeatures, build_training_model
     from tfjobs.spec import parse_spec
 
@@ -92,8 +98,11 @@ def keras_fit_rate(fit_args: dict, rows: int, epochs: int, steps_per_execution: 
     features = EncodedFeatures(numeric=8, vocabulary_sizes={"ocean_proximity": EMBEDDING_ROWS},
                                encodings={"ocean_proximity": "embedding"}, embedding_dims={"ocean_proximity": 4})
     model = build_training_model(spec, features)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", steps_per_execution=steps_per_execution,
-                  jit_compile=True)
+    stacked = getattr(fit_args["x"], "stack_steps", None)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", jit_compile=True,
+                  steps_per_execution=1 if stacked else steps_per_execution)
+    if stacked:
+        scan_stacked_steps(model, fit_args["x"])
     times = fit_epoch_seconds(model, epochs=epochs, **fit_args)
     return rows * (len(times) - 1) / sum(times[1:])
 
