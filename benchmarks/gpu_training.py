@@ -12,11 +12,12 @@ the device, reshuffled every epoch) stacked ``--steps-per-execution`` batches at
 each stack one compiled ``lax.scan`` (``tfjobs.in_memory.scan_stacked_steps``). With
 ``--keras-input`` it is also timed on the plain batches with Keras's own
 ``steps_per_execution`` (``batches``), and on arrays on the host (NumPy) or on the device
-(``jax.Array``, which Keras gathers batch by batch). With several configs, the fastest is
-reported as ``keras_fit`` and every one in ``keras_fit_by_config``. The anchor is the same architecture and Adam in plain
-``jax.numpy``, with the data on the device: one jitted step per batch that slices its
-batch itself (one dispatch per step). A whole epoch under ``lax.scan`` (one dispatch
-per epoch) is printed too, as the ceiling for this model.
+(``jax.Array``, which Keras gathers batch by batch). With several configs, the fastest
+is reported as ``keras_fit`` and every one in ``keras_fit_by_config``. The anchor is
+the same architecture and Adam in plain ``jax.numpy``, with the data on the device:
+one jitted step per batch that slices its batch itself (one dispatch per step). A whole
+epoch under ``lax.scan`` (one dispatch per epoch) is printed too, as the ceiling for
+this model.
 """
 
 from __future__ import annotations

@@ -20,8 +20,7 @@ regression). A visible GPU is used with memory growth on; with several GPUs
 they fit, and trains from :class:`tfjobs.in_memory.ShuffledBatches` (on the GPU under
 JAX) rather than converting a tf.data batch on the host every step; under JAX it runs
 ``STACKED_STEPS`` steps per compiled call (:func:`tfjobs.in_memory.scan_stacked_steps`).
-A re-run with the
-same inputs and hyperparameters rewrites nothing unless ``force`` is set.
+A re-run with the same inputs and hyperparameters rewrites nothing unless ``force`` is set.
 
 Beyond one machine: when ``TF_CONFIG`` describes a cluster of several tasks, the
 same command runs on every task under ``tf.distribute.MultiWorkerMirroredStrategy``
