@@ -39,7 +39,7 @@ def encoded_batches(rows: int, batch_size: int):
 def build(kind: str, spec):
     import keras
 
-    from tfjobs.models import EncodedFeatures, build_training_model
+    from tfjobs.modeling.models import EncodedFeatures, build_training_model
     from tfjobs.train import compile_for_task
 
     keras.utils.set_random_seed(0)
@@ -62,7 +62,7 @@ def loop_seconds_per_epoch(run_epoch, timed_epochs: int) -> float:
 
 
 def run(quick: bool) -> list[Target]:
-    from tfjobs.custom_loop import GradientTapeLoop, optimizer_groups
+    from tfjobs.modeling.custom_loop import GradientTapeLoop, optimizer_groups
     from tfjobs.spec import load_spec
 
     spec = load_spec(SPEC)

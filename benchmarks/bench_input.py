@@ -67,12 +67,12 @@ def run(quick: bool = False) -> list[Target]:
     import tensorflow as tf
 
     from tfjobs.adapt import adapt_preprocessing
-    from tfjobs.examples import parse_features
-    from tfjobs.input_pipeline import open_shards, training_batches
-    from tfjobs.models import build_training_model, encoded_features
+    from tfjobs.storage.examples import parse_features
+    from tfjobs.storage.input_pipeline import open_shards, training_batches
+    from tfjobs.modeling.models import build_training_model, encoded_features
     from tfjobs.preprocessing import FeaturePreprocessor
     from tfjobs.shard import shard_dataset
-    from tfjobs.store import read_json
+    from tfjobs.storage.store import read_json
     from tfjobs.train import compile_for_task
 
     rows = 200_000 if quick else 1_000_000

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def records_per_second(manifest_uri: str, state: dict, label: str, mode: str | None = None) -> float:
-    from tfjobs.input_pipeline import open_shards, training_batches
+    from tfjobs.storage.input_pipeline import open_shards, training_batches
     from tfjobs.preprocessing import FeaturePreprocessor
 
     preprocessor = FeaturePreprocessor(state)
@@ -36,10 +36,10 @@ def records_per_second(manifest_uri: str, state: dict, label: str, mode: str | N
 def run(quick: bool = False) -> list[Target]:
     from s3_server import moto_s3
 
-    from tfjobs import s3
+    from tfjobs.storage import s3
     from tfjobs.adapt import adapt_preprocessing
     from tfjobs.shard import shard_dataset
-    from tfjobs.store import join, read_json, store_for
+    from tfjobs.storage.store import join, read_json, store_for
 
     rows = 200_000 if quick else 1_000_000
     spec = housing_spec({"train": 32, "eval": 2, "test": 2})

@@ -89,8 +89,8 @@ def _template_loop(columns, values, path, rows):
 
 
 def _fast_path(columns, values, path, compression):
-    from tfjobs.examples import encode_padded
-    from tfjobs.tfrecord import FRAMING, TFRecordFileWriter
+    from tfjobs.storage.examples import encode_padded
+    from tfjobs.storage.tfrecord import FRAMING, TFRecordFileWriter
 
     rows = len(values[columns[0].name])
     with TFRecordFileWriter(path, compression) as writer:
@@ -102,7 +102,7 @@ def _fast_path(columns, values, path, compression):
 def _check_round_trip(columns, values, path, compression):
     import tensorflow as tf
 
-    from tfjobs.examples import parse_features
+    from tfjobs.storage.examples import parse_features
 
     parsed = {name: [] for name in values}
     dataset = tf.data.TFRecordDataset(path, compression_type=compression).batch(65_536)
@@ -175,7 +175,7 @@ def _shard_job(validated: str, output: Path, processes: int) -> float:
 def run(quick: bool = False) -> list[Target]:
     import tensorflow as tf
 
-    from tfjobs.examples import serialize_examples, spec_columns
+    from tfjobs.storage.examples import serialize_examples, spec_columns
     from tfjobs.shard import reuse_freed_memory
 
     reuse_freed_memory()  # as the shard job's processes do (it applies to the anchors measured here too)

@@ -53,7 +53,7 @@ def write_validated(frame: pd.DataFrame, spec: PipelineSpec, directory: Path) ->
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tfjobs.store import sha256_file, write_json
+    from tfjobs.storage.store import sha256_file, write_json
     from tfjobs.validate import ROW_GROUP_ROWS, arrow_schema
 
     directory.mkdir(parents=True, exist_ok=True)

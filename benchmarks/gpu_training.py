@@ -6,10 +6,10 @@ TensorFlow, so it runs on a GPU machine that has JAX and Keras but no TensorFlow
     KERAS_BACKEND=jax python -m benchmarks.gpu_training --rows 4000000 --epochs 5
 
 The model is Shardline's housing MLP (8 normalized numbers, an embedded category,
-dense 64 -> 32 -> 1) built by ``tfjobs.models``. ``fit()`` is timed as Shardline's
-training job runs it under JAX: on ``tfjobs.in_memory.ShuffledBatches`` (the rows on
+dense 64 -> 32 -> 1) built by ``tfjobs.modeling.models``. ``fit()`` is timed as Shardline's
+training job runs it under JAX: on ``tfjobs.modeling.in_memory.ShuffledBatches`` (the rows on
 the device, reshuffled every epoch) stacked ``--steps-per-execution`` batches at a time,
-each stack one compiled ``lax.scan`` (``tfjobs.in_memory.scan_stacked_steps``). With
+each stack one compiled ``lax.scan`` (``tfjobs.modeling.in_memory.scan_stacked_steps``). With
 ``--keras-input`` it is also timed on the plain batches with Keras's own
 ``steps_per_execution`` (``batches``), and on arrays on the host (NumPy) or on the device
 (``jax.Array``, which Keras gathers batch by batch). With several configs, the fastest
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keras-input", nargs="+", choices=("host", "device", "batches", "stacked"),
                         default=["stacked"],
                         help="what fit() is given: NumPy arrays (host), jax.Array on the device (device), "
-                             "tfjobs.in_memory.ShuffledBatches (batches), or ShuffledBatches stacked for "
+                             "tfjobs.modeling.in_memory.ShuffledBatches (batches), or ShuffledBatches stacked for "
                              "scan_stacked_steps (stacked)")
     args = parser.parse_args(argv)
     if os.environ.get("KERAS_BACKEND") != "jax":
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     category = rng.integers(0, EMBEDDING_ROWS, rows).astype(np.int32)
     target = (numeric @ rng.normal(size=8) + 0.1 * rng.normal(size=rows)).astype(np.float32)
 
-    from tfjobs.in_memory import ShuffledBatches
+    from tfjobs.modeling.in_memory import ShuffledBatches
 
     x = {"numeric": numeric, "ocean_proximity": category}
     fit_inputs = {
@@ -85,8 +85,8 @@ def keras_fit_rate(fit_args: dict, rows: int, epochs: int, steps_per_execution: 
     import keras
 
     from benchmarks.harness import fit_epoch_seconds
-    from tfjobs.in_memory import scan_stacked_steps
-    from tfjobs.models import EncodedFeatures, build_training_model
+    from tfjobs.modeling.in_memory import scan_stacked_steps
+    from tfjobs.modeling.models import EncodedFeatures, build_training_model
     from tfjobs.spec import parse_spec
 
     spec = parse_spec({

@@ -13,7 +13,7 @@ from typing import Any
 from airflow.sdk import Asset, BaseOperator, conf
 from airflow.sdk.exceptions import AirflowFailException
 
-from tfjobs.layout import Layout, run_key
+from tfjobs.storage.layout import Layout, run_key
 from tfjobs.spec import PipelineSpec, load_spec
 
 # The run's logical date; a run triggered without one (Airflow 3 allows that) uses its run_after.
@@ -39,7 +39,7 @@ def use_store_connection(store_uri: str, conn_id: str | None) -> None:
         return
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    from tfjobs import s3
+    from tfjobs.storage import s3
 
     conn_id = conn_id or conf.get(CONFIG_SECTION, "store_conn_id", fallback=DEFAULT_STORE_CONN_ID)
     hook = S3Hook(aws_conn_id=conn_id, config=s3.botocore_config())

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from operators.base import ShardlineOperator
 from operators.links import StoreLink
-from tfjobs.store import join
+from tfjobs.storage.store import join
 
 
 class EvaluateModelOperator(ShardlineOperator):

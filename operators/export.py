@@ -4,7 +4,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from operators.base import ShardlineOperator
 from operators.links import StoreLink
-from tfjobs.store import join
+from tfjobs.storage.store import join
 
 
 class ExportServingModelOperator(ShardlineOperator):

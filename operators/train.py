@@ -7,7 +7,7 @@ from airflow.sdk import conf
 
 from operators.base import CONFIG_SECTION, ShardlineOperator
 from operators.links import StoreLink
-from tfjobs.store import join
+from tfjobs.storage.store import join
 
 
 def gpu_queue() -> str:

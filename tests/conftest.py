@@ -89,7 +89,7 @@ def penguins_pipeline(tmp_path_factory, penguins_spec):
     from tfjobs.evaluate import evaluate_model
     from tfjobs.export import ExportArgs, export_model
     from tfjobs.fetch import fetch_dataset
-    from tfjobs.layout import Layout
+    from tfjobs.storage.layout import Layout
     from tfjobs.shard import shard_dataset
     from tfjobs.train import TrainArgs, train_model
     from tfjobs.validate import validate_dataset

@@ -49,7 +49,7 @@ class S3Endpoint:
     def client(self, url: str | None = None, secret_key: str | None = None):
         import boto3
 
-        from tfjobs.s3 import botocore_config
+        from tfjobs.storage.s3 import botocore_config
 
         return boto3.session.Session().client(
             "s3", endpoint_url=url or self.url, region_name=REGION, aws_access_key_id=self.access_key,

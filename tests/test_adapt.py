@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from tfjobs.adapt import RunningMoments, adapt_preprocessing, vocabulary_from_counts
-from tfjobs.input_pipeline import open_shards, raw_batches
-from tfjobs.store import read_json
+from tfjobs.storage.input_pipeline import open_shards, raw_batches
+from tfjobs.storage.store import read_json
 
 
 @pytest.fixture(scope="module")

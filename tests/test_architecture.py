@@ -61,12 +61,13 @@ def test_tfjobs_imports_without_airflow_installed():
         "    return real(name, *a, **k)\n"
         "builtins.__import__ = guard\n"
         + "".join(f"import tfjobs.{job}\n" for job in JOBS)
-        + "import tfjobs.preprocessing, tfjobs.models, tfjobs.custom_loop\n"
+        + "import tfjobs.preprocessing, tfjobs.modeling.models, tfjobs.modeling.custom_loop\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
 
 
 def test_model_kinds_described_for_the_form_match_the_builders():
-    from tfjobs import choices, models
+    from tfjobs import choices
+    from tfjobs.modeling import models
 
     assert set(models.MODEL_KINDS) == set(choices.MODEL_KINDS)

@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfjobs.layers import (
+from tfjobs.modeling.layers import (
     NUMERIC,
     ColumnNormCap,
     DenseLayer,
@@ -14,8 +14,8 @@ from tfjobs.layers import (
     ResidualBlock,
     TrainingNoise,
 )
-from tfjobs.losses import HuberLoss
-from tfjobs.metrics import HuberMetric
+from tfjobs.modeling.losses import HuberLoss
+from tfjobs.modeling.metrics import HuberMetric
 
 
 def huber_numpy(y_true, y_pred, delta):

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 from test_subclassed_models import FEATURES, regression_spec, toy_data
-from tfjobs.custom_loop import GradientTapeLoop, fit_with_gradient_tape, optimizer_groups
-from tfjobs.models import build_training_model
+from tfjobs.modeling.custom_loop import GradientTapeLoop, fit_with_gradient_tape, optimizer_groups
+from tfjobs.modeling.models import build_training_model
 from tfjobs.train import compile_for_task
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfjobs.examples import Column, parse_features, serialize_examples
+from tfjobs.storage.examples import Column, parse_features, serialize_examples
 
 COLUMNS = [
     Column("x", "float32"),

@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_spec
 from tfjobs.fetch import SourceNotFoundError, fetch_dataset
 from tfjobs.spec import SourceSpec
-from tfjobs.store import read_json, store_for
+from tfjobs.storage.store import read_json, store_for
 
 CSV = "size,colour,batch,kind\n1.5,red,3,a\n2.5,blue,4,b\n"
 

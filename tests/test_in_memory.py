@@ -1,4 +1,4 @@
-"""tfjobs.in_memory: ShuffledBatches gives every row once per epoch, a new order each epoch, the same
+"""tfjobs.modeling.in_memory: ShuffledBatches gives every row once per epoch, a new order each epoch, the same
 batches under TensorFlow and JAX for one seed, and fit() trains on it under both; stacked, its items
 hold the same batches, and scan_stacked_steps trains on them exactly as fit() on the batches one by one."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from tfjobs.in_memory import ShuffledBatches, scan_stacked_steps
+from tfjobs.modeling.in_memory import ShuffledBatches, scan_stacked_steps
 
 ROWS, BATCH = 23, 5
 
@@ -87,7 +87,7 @@ def test_stacks_hold_the_same_batches_in_the_same_order(stack_steps, stacks):
 FIT_ON_BATCHES = """
 import json, sys
 import keras, numpy as np
-from tfjobs.in_memory import ShuffledBatches
+from tfjobs.modeling.in_memory import ShuffledBatches
 sys.path.insert(0, "tests")
 from test_in_memory import BATCH, epochs_of_ids, small_data
 batches = ShuffledBatches(*small_data(), BATCH, seed=3)
@@ -144,7 +144,7 @@ def test_fit_trains_on_it_and_one_seed_gives_the_same_batches_on_every_backend(b
 SCAN_AGAINST_FIT = """
 import json
 import keras, numpy as np
-from tfjobs.in_memory import ShuffledBatches, scan_stacked_steps
+from tfjobs.modeling.in_memory import ShuffledBatches, scan_stacked_steps
 rng = np.random.default_rng(0)
 x = {"a": rng.normal(size=(1003, 4)).astype("float32"), "b": rng.integers(0, 5, 1003).astype("int32")}
 y = (x["a"] @ np.array([1.0, -2.0, 0.5, 3.0], "float32") + x["b"]).astype("float32")

@@ -5,9 +5,9 @@ import collections
 import numpy as np
 import pytest
 
-from tfjobs.input_pipeline import open_shards, training_batches
+from tfjobs.storage.input_pipeline import open_shards, training_batches
 from tfjobs.preprocessing import FeaturePreprocessor
-from tfjobs.store import read_json
+from tfjobs.storage.store import read_json
 
 
 def epoch_rows(dataset):

@@ -44,7 +44,7 @@ def jax_training(penguins_pipeline, tmp_path_factory):
 def test_training_runs_under_jax(jax_training):
     _, result = jax_training
     assert result["backend"] == "jax"
-    assert result["input"] == "memory"  # tfjobs.in_memory.ShuffledBatches, not a tf.data batch per step
+    assert result["input"] == "memory"  # tfjobs.modeling.in_memory.ShuffledBatches, not a tf.data batch per step
     assert result["steps_per_call"] == STACKED_STEPS  # stacks of batches, one lax.scan each
     assert result["metrics"]["val_accuracy"] >= 0.9
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 from processes import free_ports, stop_process_group
-from tfjobs.store import read_json, store_for
+from tfjobs.storage.store import read_json, store_for
 from tfjobs.train import cluster_task
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import ROOT
 from s3_server import FaultyProxy, moto_s3
-from tfjobs import s3
-from tfjobs.store import read_json, store_for
+from tfjobs.storage import s3
+from tfjobs.storage.store import read_json, store_for
 
 pytestmark = pytest.mark.slow
 DATE = "2026-11-25"

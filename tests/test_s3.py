@@ -6,11 +6,11 @@ import pytest
 
 from conftest import ROOT, tiny_spec
 from s3_server import FaultyProxy, moto_s3
-from tfjobs import s3
+from tfjobs.storage import s3
 from tfjobs.fetch import fetch_dataset
-from tfjobs.input_pipeline import ChecksumMismatchError, open_shards, raw_batches
+from tfjobs.storage.input_pipeline import ChecksumMismatchError, open_shards, raw_batches
 from tfjobs.shard import shard_dataset
-from tfjobs.store import LocalStore, join, read_json, store_for, write_json
+from tfjobs.storage.store import LocalStore, join, read_json, store_for, write_json
 from tfjobs.validate import validate_dataset
 
 

@@ -24,7 +24,7 @@ from conftest import ROOT
 from processes import wait_for
 from service_stack import ADMIN, CPU_WORKER_HOST, GPU_QUEUE, GPU_WORKER_HOST, ServiceStack
 from tfjobs.export import published_versions
-from tfjobs.store import read_json
+from tfjobs.storage.store import read_json
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = ROOT / "tests" / "artifacts"

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tfjobs.input_pipeline import open_shards, raw_batches
+from tfjobs.storage.input_pipeline import open_shards, raw_batches
 from tfjobs.shard import shard_dataset
-from tfjobs.store import read_json, sha256_file, write_json
+from tfjobs.storage.store import read_json, sha256_file, write_json
 
 
 def test_every_valid_row_lands_in_exactly_one_split(penguins_pipeline):

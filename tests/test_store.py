@@ -1,6 +1,6 @@
 import pytest
 
-from tfjobs.store import LocalStore, join, local_copy, read_json, redact, store_for, write_json
+from tfjobs.storage.store import LocalStore, join, local_copy, read_json, redact, store_for, write_json
 
 
 def test_plain_paths_and_file_uris_address_the_same_object(tmp_path):

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import ROOT
 from tfjobs import choices
-from tfjobs.models import MODEL_KINDS, EncodedFeatures, build_training_model
+from tfjobs.modeling.models import MODEL_KINDS, EncodedFeatures, build_training_model
 from tfjobs.spec import parse_spec
-from tfjobs.subclassed_models import ReconstructingModel, WideAndDeepModel
+from tfjobs.modeling.subclassed_models import ReconstructingModel, WideAndDeepModel
 from tfjobs.train import compile_for_task
 
 FEATURES = EncodedFeatures(
@@ -53,7 +53,7 @@ RELOAD = """
 import json, sys
 import numpy as np
 if sys.argv[1] == "import":
-    import tfjobs.models  # registers Shardline's layers, models, losses and metrics
+    import tfjobs.modeling.models  # registers Shardline's layers, models, losses and metrics
 import keras
 x = dict(np.load(sys.argv[2]))
 out = {}

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tfjobs.examples import Column, encode_padded, serialize_examples
-from tfjobs.tfrecord import FRAMING, TFRecordFileWriter, record_crc32c
+from tfjobs.storage.examples import Column, encode_padded, serialize_examples
+from tfjobs.storage.tfrecord import FRAMING, TFRecordFileWriter, record_crc32c
 
 COLUMNS = [Column("x", "float32"), Column("word", "string"), Column("id", "int64"), Column("tag", "string")]
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 from tfjobs.export import ExportArgs, NotBlessedError, export_model, published_versions
-from tfjobs.store import read_json, store_for, write_json
+from tfjobs.storage.store import read_json, store_for, write_json
 from tfjobs.train import TrainArgs, train_model
 
 

@@ -34,7 +34,7 @@ import numpy as np
 
 from tfjobs import cli
 from tfjobs.spec import MISSING_INTEGER, MISSING_STRING, PipelineSpec, load_spec
-from tfjobs.store import join, read_json_if_exists, store_for, write_json
+from tfjobs.storage.store import join, read_json_if_exists, store_for, write_json
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def vocabulary_from_counts(
 
 
 def adapt_preprocessing(spec: PipelineSpec, shards_manifest_uri: str, output_uri: str) -> AdaptResult:
-    from tfjobs.input_pipeline import open_shards, raw_batches
+    from tfjobs.storage.input_pipeline import open_shards, raw_batches
 
     store = store_for(shards_manifest_uri)
     if not store.exists(shards_manifest_uri):

@@ -1,7 +1,7 @@
 """What a user can choose per run, with a description for the Airflow trigger form.
 
 Kept free of TensorFlow and Keras imports: the DAG processor reads it to build the
-form's enums. :mod:`tfjobs.models` registers one builder per model kind listed
+form's enums. :mod:`tfjobs.modeling.models` registers one builder per model kind listed
 here (a test checks that both lists agree); :mod:`tfjobs.train` builds the loss
 and picks the training loop from the names listed here.
 """
@@ -30,7 +30,7 @@ TASK_LOSSES: dict[str, tuple[str, ...]] = {
 
 TRAINING_LOOPS: dict[str, str] = {
     "fit": "Keras fit(): one Adam optimizer for every weight",
-    "custom": "Shardline's GradientTape loop (tfjobs.custom_loop): same loss, metrics and callbacks as fit(); "
+    "custom": "Shardline's GradientTape loop (tfjobs.modeling.custom_loop): same loss, metrics and callbacks as fit(); "
     "a wide & deep model gets SGD for its wide part and Adam for its deep part",
 }
 

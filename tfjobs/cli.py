@@ -20,7 +20,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.s3_endpoint_url:
-        from tfjobs import s3
+        from tfjobs.storage import s3
 
         s3.configure(endpoint_url=args.s3_endpoint_url)
     return args

@@ -21,7 +21,7 @@ import numpy as np
 
 from tfjobs import cli
 from tfjobs.spec import PipelineSpec, load_spec
-from tfjobs.store import join, local_copy, read_json, read_json_if_exists, store_for, write_json
+from tfjobs.storage.store import join, local_copy, read_json, read_json_if_exists, store_for, write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def load_inference_model(model_uri: str, state_uri: str):
 
 def predict_split(model, shards_manifest_uri: str, split: str, label: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels, predictions) of ``model`` on raw rows of a split, in shard order."""
-    from tfjobs.input_pipeline import open_shards, raw_batches
+    from tfjobs.storage.input_pipeline import open_shards, raw_batches
 
     labels, predictions = [], []
     with open_shards(shards_manifest_uri, split) as shards:

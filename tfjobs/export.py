@@ -39,7 +39,7 @@ import numpy as np
 
 from tfjobs import cli
 from tfjobs.spec import PipelineSpec, load_spec
-from tfjobs.store import join, read_json, staging_dir, store_for
+from tfjobs.storage.store import join, read_json, staging_dir, store_for
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def check_serving_skew(
     """Max |serving - training pipeline| over test and edge rows, checked in a fresh process."""
     import tensorflow as tf
 
-    from tfjobs.input_pipeline import open_shards, raw_batches
+    from tfjobs.storage.input_pipeline import open_shards, raw_batches
     from tfjobs.preprocessing import FeaturePreprocessor, label_output_layer
 
     with open_shards(shards_manifest_uri, "test") as shards:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tfjobs import cli
 from tfjobs.spec import PipelineSpec, SourceSpec, load_spec
-from tfjobs.store import join, local_copy, read_json_if_exists, redact, sha256_file, staging_dir, store_for, write_json
+from tfjobs.storage.store import join, local_copy, read_json_if_exists, redact, sha256_file, staging_dir, store_for, write_json
 
 log = logging.getLogger(__name__)
 

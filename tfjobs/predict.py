@@ -20,7 +20,7 @@ import numpy as np
 from tfjobs import cli
 from tfjobs.export import published_versions
 from tfjobs.spec import MISSING_INTEGER, MISSING_STRING
-from tfjobs.store import local_dir_copy
+from tfjobs.storage.store import local_dir_copy
 
 
 def instances_to_columns(instances: list[dict[str, Any]], signature) -> dict[str, np.ndarray]:

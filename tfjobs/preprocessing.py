@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 from keras import layers
 
-from tfjobs.models import NUMERIC
+from tfjobs.modeling.models import NUMERIC
 
 
 @keras.saving.register_keras_serializable(package="shardline")

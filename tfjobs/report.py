@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 from tfjobs import cli
-from tfjobs.layout import Layout
+from tfjobs.storage.layout import Layout
 from tfjobs.spec import load_spec
-from tfjobs.store import join, read_json_if_exists, store_for
+from tfjobs.storage.store import join, read_json_if_exists, store_for
 
 
 def _newest_child(prefix: str) -> str | None:

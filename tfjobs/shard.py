@@ -35,16 +35,15 @@ import numpy as np
 import pandas as pd
 
 from tfjobs import cli
-from tfjobs.examples import encode_padded, spec_columns
+from tfjobs.storage.examples import encode_padded, spec_columns
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
-from tfjobs.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
-from tfjobs.store import write_json
-from tfjobs.tfrecord import FRAMING, TFRecordFileWriter, frame_in_place
+from tfjobs.storage.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
+from tfjobs.storage.store import write_json
+from tfjobs.storage.tfrecord import COMPRESSION, FRAMING, TFRecordFileWriter, frame_in_place
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-COMPRESSION = "GZIP"
 BATCH_ROWS = 65_536
 PROCESS_MIN_ROWS = 500_000  # below this, starting a process costs more than it saves
 _BUCKETS = 10_000

@@ -124,7 +124,7 @@ class TrainingSpec:
     seed: int = 42
     loss: str = ""  # one of tfjobs.choices.TASK_LOSSES[task]; empty: the task's default
     huber_delta: float = 1.0  # the Huber loss's threshold, in training label units
-    loop: str = "fit"  # fit | custom (tfjobs.custom_loop); see tfjobs.choices.TRAINING_LOOPS
+    loop: str = "fit"  # fit | custom (tfjobs.modeling.custom_loop); see tfjobs.choices.TRAINING_LOOPS
     wide_learning_rate: float = 0.01  # custom loop: SGD's learning rate for a wide & deep model's wide part
     jit_compile: str = "auto"  # auto | true | false: XLA for the training step
 

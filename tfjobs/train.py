@@ -11,15 +11,15 @@ hyperparameter overrides, e.g. from Airflow Params). Outputs, under the run's
     training_curve.png       loss and metric curves
     training.json            summary, written last
 
-The training setting ``loop`` picks ``fit()`` or :mod:`tfjobs.custom_loop`
+The training setting ``loop`` picks ``fit()`` or :mod:`tfjobs.modeling.custom_loop`
 (same loss, metrics, callbacks and outputs; two optimizers for a wide & deep
-model); ``loss`` picks the loss (``mse`` or :class:`tfjobs.losses.HuberLoss` for
+model); ``loss`` picks the loss (``mse`` or :class:`tfjobs.modeling.losses.HuberLoss` for
 regression). A visible GPU is used with memory growth on; with several GPUs
 ``fit()`` runs under ``tf.distribute.MirroredStrategy``. Under another Keras backend
 (``KERAS_BACKEND=jax``), ``fit()`` reads the preprocessed rows into memory once, when
-they fit, and trains from :class:`tfjobs.in_memory.ShuffledBatches` (on the GPU under
+they fit, and trains from :class:`tfjobs.modeling.in_memory.ShuffledBatches` (on the GPU under
 JAX) rather than converting a tf.data batch on the host every step; under JAX it runs
-``STACKED_STEPS`` steps per compiled call (:func:`tfjobs.in_memory.scan_stacked_steps`).
+``STACKED_STEPS`` steps per compiled call (:func:`tfjobs.modeling.in_memory.scan_stacked_steps`).
 A re-run with the same inputs and hyperparameters rewrites nothing unless ``force`` is set.
 
 Beyond one machine: when ``TF_CONFIG`` describes a cluster of several tasks, the
@@ -50,14 +50,14 @@ from typing import Any
 
 from tfjobs import cli
 from tfjobs.spec import PipelineSpec, TrainingSpec, load_spec
-from tfjobs.store import join, read_json, read_json_if_exists, staging_dir, store_for
+from tfjobs.storage.store import join, read_json, read_json_if_exists, staging_dir, store_for
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "training_model.keras"
 SUMMARY_FILE = "training.json"
 CACHE_LIMIT_BYTES = 2 << 30  # keep preprocessed rows in memory after the first epoch below this
-STACKED_STEPS = 32  # under JAX, training steps per compiled call (tfjobs.in_memory.scan_stacked_steps)
+STACKED_STEPS = 32  # under JAX, training steps per compiled call (tfjobs.modeling.in_memory.scan_stacked_steps)
 
 
 @dataclass(frozen=True)
@@ -220,8 +220,8 @@ def compile_for_task(model, spec: PipelineSpec, settings: TrainingSpec) -> None:
     """Adam, the spec's loss and the task's streaming metrics; ``fit()`` and the custom loop both use them."""
     import keras
 
-    from tfjobs.losses import HuberLoss
-    from tfjobs.metrics import HuberMetric
+    from tfjobs.modeling.losses import HuberLoss
+    from tfjobs.modeling.metrics import HuberMetric
 
     loss_name = settings.loss_for(spec.label.task)
     if spec.label.task == "classification":
@@ -239,8 +239,8 @@ def compile_for_task(model, spec: PipelineSpec, settings: TrainingSpec) -> None:
 def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs, out_dir) -> dict:
     import keras
 
-    from tfjobs.input_pipeline import open_shards, training_batches
-    from tfjobs.models import build_training_model, encoded_features
+    from tfjobs.storage.input_pipeline import open_shards, training_batches
+    from tfjobs.modeling.models import build_training_model, encoded_features
     from tfjobs.preprocessing import FeaturePreprocessor
 
     strategy = configure_devices()
@@ -264,7 +264,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
     def dataset(shards, for_training: bool):
         """Training data is shuffled (and, from memory under JAX, stacked); validation data is neither."""
         if from_memory and fits_in_memory(shards):
-            from tfjobs.in_memory import ShuffledBatches
+            from tfjobs.modeling.in_memory import ShuffledBatches
 
             batches = training_batches(shards, preprocessor, spec.label.name, settings.batch_size)
             features, target = read_into_memory(batches)
@@ -292,7 +292,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             model = build_training_model(spec, encoded_features(spec, preprocessor), kind)
             compile_for_task(model, spec, settings)
         if getattr(train_data, "stack_steps", None):
-            from tfjobs.in_memory import scan_stacked_steps
+            from tfjobs.modeling.in_memory import scan_stacked_steps
 
             scan_stacked_steps(model, train_data)
         if multi_worker:
@@ -317,7 +317,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             train_shards.records, eval_shards.records, train_shards.mode, train_input, settings,
         )
         if settings.loop == "custom":
-            from tfjobs.custom_loop import fit_with_gradient_tape
+            from tfjobs.modeling.custom_loop import fit_with_gradient_tape
 
             history = fit_with_gradient_tape(
                 model, train_data, validation_data=eval_data, epochs=settings.epochs, callbacks=callbacks,

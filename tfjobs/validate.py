@@ -29,7 +29,7 @@ import pandas as pd
 
 from tfjobs import cli
 from tfjobs.spec import MISSING_INTEGER, MISSING_STRING, PipelineSpec, load_spec
-from tfjobs.store import (
+from tfjobs.storage.store import (
     join,
     local_copy,
     read_json,

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tfjobs.examples import Column, parse_features
-from tfjobs.shard import COMPRESSION
-from tfjobs.store import join, read_json, store_for
+from tfjobs.storage.examples import Column, parse_features
+from tfjobs.storage.store import join, read_json, store_for
+from tfjobs.storage.tfrecord import COMPRESSION
 
 log = logging.getLogger(__name__)
 

@@ -206,7 +206,7 @@ def store_for(uri: str) -> ObjectStore:
     if len(scheme) == 1:  # a Windows drive letter, not a scheme
         scheme = ""
     if scheme == "s3" and scheme not in _BACKENDS:
-        import tfjobs.s3  # noqa: F401  (registers the backend; boto3 is only imported for S3 URIs)
+        import tfjobs.storage.s3  # noqa: F401  (registers the backend; boto3 is only imported for S3 URIs)
     try:
         return _BACKENDS[scheme]()
     except KeyError:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tfjobs.store import ObjectStore, register_backend
+from tfjobs.storage.store import ObjectStore, register_backend
 
 log = logging.getLogger(__name__)
 

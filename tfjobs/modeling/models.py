@@ -8,13 +8,13 @@ trains under ``KERAS_BACKEND=jax``.
 
 Model kinds are registered by name with :func:`register_model`; the spec's
 ``model.kind`` (or the ``model`` Param in the Airflow UI) picks one. Besides the
-functional ``mlp``, the subclassed models of :mod:`tfjobs.subclassed_models`
+functional ``mlp``, the subclassed models of :mod:`tfjobs.modeling.subclassed_models`
 (``residual``, ``wide_deep``, ``reconstruction``) take their options from the
 spec's ``model:`` section.
 
 Importing this module registers every Shardline Keras object a training model can
 hold (layers, models, losses, metrics), so a ``training_model.keras`` file reloads
-in a fresh process after ``import tfjobs.models``.
+in a fresh process after ``import tfjobs.modeling.models``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
-from tfjobs import choices, losses, metrics  # noqa: F401  (losses, metrics: registered for compile configs)
-from tfjobs.layers import NUMERIC, FeatureVector
+from tfjobs import choices
+from tfjobs.modeling import losses, metrics  # noqa: F401  (registered for compile configs)
+from tfjobs.modeling.layers import NUMERIC, FeatureVector
 from tfjobs.spec import ModelSpec, PipelineSpec
-from tfjobs.subclassed_models import ReconstructingModel, ResidualModel, WideAndDeepModel
+from tfjobs.modeling.subclassed_models import ReconstructingModel, ResidualModel, WideAndDeepModel
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def model_inputs(features: EncodedFeatures) -> dict[str, keras.KerasTensor]:
 
 
 def feature_arguments(features: EncodedFeatures) -> dict:
-    """The arguments of :class:`tfjobs.layers.FeatureVector` and the subclassed models."""
+    """The arguments of :class:`tfjobs.modeling.layers.FeatureVector` and the subclassed models."""
     return {
         "numeric_width": features.numeric,
         "vocabulary_sizes": features.vocabulary_sizes,

@@ -6,18 +6,18 @@ value per example for regression, class probabilities for classification
 (``output_units > 1``). They are written with ``keras.layers`` and ``keras.ops`` only,
 so they train on any Keras backend and export like functional models.
 
-- :class:`ResidualModel`: one :class:`tfjobs.layers.ResidualBlock` applied
+- :class:`ResidualModel`: one :class:`tfjobs.modeling.layers.ResidualBlock` applied
   ``repeats`` times: depth without more weights.
 - :class:`WideAndDeepModel`: a linear model over one-hot features ("wide",
   memorizes) plus an MLP over embeddings ("deep", generalizes), added up. It
-  names its two groups of variables, so :mod:`tfjobs.custom_loop` can train
+  names its two groups of variables, so :mod:`tfjobs.modeling.custom_loop` can train
   the wide part with SGD and the deep part with Adam.
 - :class:`ReconstructingModel`: the label head shares a code with a decoder
   that reconstructs the clean numeric features from noised inputs; the
   reconstruction error is added to the loss with ``add_loss`` and reported as
   the ``reconstruction_loss`` metric.
 
-``tfjobs.models`` registers a builder for each under a model kind.
+``tfjobs.modeling.models`` registers a builder for each under a model kind.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import math
 import keras
 from keras import ops
 
-from tfjobs.layers import (
+from tfjobs.modeling.layers import (
     NUMERIC,
     ColumnNormCap,
     DenseLayer,

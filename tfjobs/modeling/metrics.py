@@ -1,7 +1,7 @@
 """Custom streaming metrics, written with ``keras.ops`` so that they run on every backend.
 
 A streaming metric keeps running sums in variables across batches and reports
-their ratio; Keras (and :mod:`tfjobs.custom_loop`) reset it at each epoch and
+their ratio; Keras (and :mod:`tfjobs.modeling.custom_loop`) reset it at each epoch and
 before each validation pass.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from tfjobs.losses import huber_per_example
+from tfjobs.modeling.losses import huber_per_example
 
 
 @keras.saving.register_keras_serializable(package="shardline")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from tfjobs.store import join
+from tfjobs.storage.store import join
 
 _PARTITION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 

@@ -26,10 +26,12 @@ import google_crc32c
 import numpy as np
 from isal import isal_zlib
 
-from tfjobs.examples import PaddedRows
+from tfjobs.storage.examples import PaddedRows
 
 _MASK_DELTA = 0xA282EAD8
 COMPRESSIONS = ("GZIP", "")
+#: What Shardline writes shards with.
+COMPRESSION = "GZIP"
 # ISA-L's level 2 compresses these records about as well as zlib's default level 6 (which
 # TensorFlow's GZIP writer uses) at 10x the speed (benchmarks/bench_shard.py).
 DEFAULT_GZIP_LEVEL = 2

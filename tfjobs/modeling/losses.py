@@ -6,7 +6,7 @@ they do under mean squared error. It keeps ``delta`` in ``get_config`` (Keras 3.
 own ``keras.losses.Huber.get_config`` drops it, so a reloaded model silently trains
 with ``delta=1``).
 
-``huber_per_example`` is shared with :class:`tfjobs.metrics.HuberMetric`, so the
+``huber_per_example`` is shared with :class:`tfjobs.modeling.metrics.HuberMetric`, so the
 loss and the metric cannot disagree.
 """
 

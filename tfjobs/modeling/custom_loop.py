@@ -1,7 +1,7 @@
 """A custom training loop next to ``fit()``: ``tf.GradientTape`` in a ``tf.function``-compiled step.
 
 What ``fit()`` cannot do with one optimizer: a model that names groups of
-variables (:class:`tfjobs.subclassed_models.WideAndDeepModel`'s wide and deep
+variables (:class:`tfjobs.modeling.subclassed_models.WideAndDeepModel`'s wide and deep
 parts) gets one optimizer per group, SGD for the wide part and the compiled
 optimizer (Adam) for the rest. Everything else is kept the same as ``fit()`` on
 purpose, so that the two loops are interchangeable in the pipeline:

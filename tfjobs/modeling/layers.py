@@ -17,7 +17,7 @@ What a training model is made of when stock layers are not enough:
 Every class is registered with ``register_keras_serializable(package="shardline")``
 and keeps its arguments in ``get_config``: a ``.keras`` file that uses them reloads
 without ``custom_objects`` once this module is imported (Keras does not import
-modules outside ``keras`` by itself; importing :mod:`tfjobs.models` imports this one).
+modules outside ``keras`` by itself; importing :mod:`tfjobs.modeling.models` imports this one).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class ColumnNormCap(keras.constraints.Constraint):
     """Rescale each unit's incoming weights (a kernel column) to an L2 norm of at most ``max_norm``.
 
     Optimizers apply a variable's constraint right after each update, in ``fit()``
-    and in :mod:`tfjobs.custom_loop` alike.
+    and in :mod:`tfjobs.modeling.custom_loop` alike.
     """
 
     def __init__(self, max_norm: float = 3.0):

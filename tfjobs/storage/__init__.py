@@ -1,0 +1,11 @@
+"""Storage and record formats: where bytes live and how records are laid out.
+
+=========================  ============================================================
+:mod:`.store`              one object-store interface: the local filesystem, or S3
+:mod:`.s3`                 the S3 backend (boto3; AWS, MinIO or any S3 endpoint)
+:mod:`.layout`             where each step's output lives on the store
+:mod:`.examples`           ``tf.train.Example`` records encoded a whole column at a time
+:mod:`.tfrecord`           TFRecord framing, CRC32C and GZIP for whole batches of records
+:mod:`.input_pipeline`     tf.data pipelines over shards, on local disk or streamed from S3
+=========================  ============================================================
+"""
