@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import Target, fit_epoch_seconds
+from tfjobs.features import NUMBERS
 
 SPEC = Path(__file__).resolve().parents[1] / "include" / "housing.yaml"
 GOAL = 1.5
@@ -32,7 +33,7 @@ def encoded_batches(rows: int, batch_size: int):
         "numeric": rng.normal(size=(rows, 8)).astype("float32"),
         "ocean_proximity": rng.integers(0, 6, rows).astype("int64"),
     }
-    labels = (features["numeric"] @ rng.normal(size=8) + 0.2 * features["ocean_proximity"]).astype("float32")
+    labels = (features[NUMBERS] @ rng.normal(size=8) + 0.2 * features["ocean_proximity"]).astype("float32")
     return tf.data.Dataset.from_tensor_slices((features, labels)).batch(batch_size).cache().prefetch(-1)
 
 
@@ -43,7 +44,7 @@ def build(kind: str, spec):
     from tfjobs.train import compile_for_task
 
     keras.utils.set_random_seed(0)
-    features = EncodedFeatures(numeric=8, vocabulary_sizes={"ocean_proximity": 6},
+    features = EncodedFeatures(numeric_width=8, index_sizes={"ocean_proximity": 6},
                                encodings={"ocean_proximity": "embedding"}, embedding_dims={"ocean_proximity": 3})
     model = build_training_model(spec, features, kind)
     compile_for_task(model, spec, spec.training)

@@ -70,7 +70,7 @@ def run(quick: bool = False) -> list[Target]:
     from tfjobs.storage.examples import parse_features
     from tfjobs.storage.input_pipeline import open_shards, training_batches
     from tfjobs.modeling.models import build_training_model, encoded_features
-    from tfjobs.preprocessing import FeaturePreprocessor
+    from tfjobs.features.preprocessing import FeaturePreprocessor
     from tfjobs.shard import shard_dataset
     from tfjobs.storage.store import read_json
     from tfjobs.train import compile_for_task

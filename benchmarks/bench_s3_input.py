@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def records_per_second(manifest_uri: str, state: dict, label: str, mode: str | None = None) -> float:
     from tfjobs.storage.input_pipeline import open_shards, training_batches
-    from tfjobs.preprocessing import FeaturePreprocessor
+    from tfjobs.features.preprocessing import FeaturePreprocessor
 
     preprocessor = FeaturePreprocessor(state)
     options = {"mode": mode} if mode else {}

@@ -175,7 +175,7 @@ def _shard_job(validated: str, output: Path, processes: int) -> float:
 def run(quick: bool = False) -> list[Target]:
     import tensorflow as tf
 
-    from tfjobs.storage.examples import serialize_examples, spec_columns
+    from tfjobs.storage.examples import serialize_examples
     from tfjobs.shard import reuse_freed_memory
 
     reuse_freed_memory()  # as the shard job's processes do (it applies to the anchors measured here too)
@@ -183,7 +183,7 @@ def run(quick: bool = False) -> list[Target]:
     job_rows = 400_000 if quick else 4_000_000
     loop_rows = 10_000 if quick else 30_000
     spec = housing_spec({"train": 8, "eval": 2, "test": 2})
-    columns = spec_columns(spec)
+    columns = spec.record_columns()
     frame = housing_frame(rows).fillna({"ocean_proximity": ""})
     values = {c.name: frame[c.name].to_numpy() for c in columns}
     values["ocean_proximity"] = values["ocean_proximity"].astype(object)

@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     category = rng.integers(0, EMBEDDING_ROWS, rows).astype(np.int32)
     target = (numeric @ rng.normal(size=8) + 0.1 * rng.normal(size=rows)).astype(np.float32)
 
+    from tfjobs.features import NUMBERS
     from tfjobs.modeling.in_memory import ShuffledBatches
 
-    x = {"numeric": numeric, "ocean_proximity": category}
+    x = {NUMBERS: numeric, "ocean_proximity": category}
     fit_inputs = {
         "host": lambda steps: {"x": x, "y": target, "batch_size": BATCH, "shuffle": True},
         "device": lambda steps: {"x": jax.device_put(x), "y": jax.device_put(target), "batch_size": BATCH, "shuffle": True},
@@ -96,7 +97,7 @@ def keras_fit_rate(fit_args: dict, rows: int, epochs: int, steps_per_execution: 
                      "ocean_proximity": {"kind": "categorical", "encoding": "embedding", "embedding_dim": 4}},
         "model": {"kind": "mlp", "hidden_units": [64, 32]},
     })
-    features = EncodedFeatures(numeric=8, vocabulary_sizes={"ocean_proximity": EMBEDDING_ROWS},
+    features = EncodedFeatures(numeric_width=8, index_sizes={"ocean_proximity": EMBEDDING_ROWS},
                                encodings={"ocean_proximity": "embedding"}, embedding_dims={"ocean_proximity": 4})
     model = build_training_model(spec, features)
     stacked = getattr(fit_args["x"], "stack_steps", None)

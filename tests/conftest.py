@@ -46,7 +46,7 @@ def tiny_spec(**overrides):
     return parse_spec(raw)
 
 
-def airflow_dags_test(home: Path, dag_id: str):
+def airflow_dags_test(home: Path, dag_id: str, dags_folder: Path = ROOT / "dags"):
     """``dags_test(date, conf=None)``: ``airflow dags test <dag_id>`` in a subprocess on a fresh SQLite home.
 
     Returns the runner and the object store's root (``<home>/store``).
@@ -58,7 +58,7 @@ def airflow_dags_test(home: Path, dag_id: str):
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__SHARDLINE__STORE_URI": str(store),
         "PYTHONPATH": str(ROOT),

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfjobs.adapt import RunningMoments, adapt_preprocessing, vocabulary_from_counts
+from conftest import tiny_spec
+from tfjobs.adapt import adapt_preprocessing
+from tfjobs.features.base import RunningMoments
 from tfjobs.storage.input_pipeline import open_shards, raw_batches
 from tfjobs.storage.store import read_json
 
@@ -41,14 +43,20 @@ def test_vocabulary_matches_string_lookup_adapt(penguins_pipeline, train_rows):
     assert ours["counts"][: len(counts)] == sorted(counts.values(), reverse=True)
 
 
+def vocabulary(values, **options):
+    """The adapted vocabulary and counts of a categorical feature ``c`` over ``values``."""
+    feature = tiny_spec(features={"c": {"kind": "categorical", **options}}).feature("c")
+    statistics = feature.statistics()
+    statistics.update(np.array(values, dtype=object))
+    state = statistics.result()
+    return state["vocabulary"], state["counts"]
+
+
 def test_missing_tokens_always_have_an_index(penguins_pipeline):
     state = read_json(penguins_pipeline.adapt.state_uri)
     assert "" in state["features"]["sex"]["vocabulary"]
     assert -1 in state["features"]["year"]["vocabulary"]
-    assert vocabulary_from_counts(collections.Counter({"b": 2, "a": 2, "c": 5}), "") == (
-        ["c", "a", "b", ""],
-        [5, 2, 2, 0],
-    )
+    assert vocabulary(["b", "a", "c", "c", "b", "a", "c", "c", "c"]) == (["c", "a", "b", ""], [5, 2, 2, 0])
 
 
 def test_running_moments_merge_batches_exactly():
@@ -73,6 +81,7 @@ def test_adapt_needs_finished_shards(penguins_spec, tmp_path):
 
 
 def test_values_rarer_than_min_frequency_stay_out_of_the_vocabulary():
-    counts = collections.Counter({"common": 30, "rare": 4, "": 2})
-    assert vocabulary_from_counts(counts, "", min_frequency=5) == (["common", ""], [30, 2])  # missing token kept
-    assert vocabulary_from_counts(counts, "", min_frequency=1)[0] == ["common", "rare", ""]
+    values = ["common"] * 30 + ["rare"] * 4 + [""] * 2
+    assert vocabulary(values, min_frequency=5) == (["common", ""], [30, 2])  # the missing token is kept
+    assert vocabulary(values)[0] == ["common", "rare", ""]
+    assert vocabulary(values, max_tokens=1) == (["common", ""], [30, 2])  # capped, the missing token still kept

@@ -61,9 +61,40 @@ def test_tfjobs_imports_without_airflow_installed():
         "    return real(name, *a, **k)\n"
         "builtins.__import__ = guard\n"
         + "".join(f"import tfjobs.{job}\n" for job in JOBS)
-        + "import tfjobs.preprocessing, tfjobs.modeling.models, tfjobs.modeling.custom_loop\n"
+        + "import tfjobs.features.preprocessing, tfjobs.modeling.models, tfjobs.modeling.custom_loop\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+
+
+def string_constants(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            yield node.lineno, node.value
+
+
+def test_no_module_outside_the_feature_registry_names_a_feature_kind():
+    from tfjobs.features import kinds
+
+    names = set(kinds())
+    paths = [p for folder in ("tfjobs", "operators", "dags") for p in (ROOT / folder).rglob("*.py")
+             if (ROOT / "tfjobs" / "features") not in p.parents]
+    named = [f"{p.relative_to(ROOT)}:{line} {value!r}" for p in paths for line, value in string_constants(p)
+             if value in names]
+    assert not named, "kinds are named only in tfjobs/features/: " + ", ".join(named)
+
+
+def test_the_storage_dtypes_are_mapped_in_one_place():
+    """Only tfjobs/storage/examples.py maps dtype names (to Arrow, TensorFlow): no second copy of the map."""
+    from tfjobs.storage.examples import DTYPES
+
+    copies = []
+    for path in (ROOT / "tfjobs").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Dict):
+                keys = {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+                if len(keys & set(DTYPES)) >= 2 and path != ROOT / "tfjobs" / "storage" / "examples.py":
+                    copies.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not copies, copies
 
 
 def test_model_kinds_described_for_the_form_match_the_builders():

@@ -4,8 +4,8 @@ import keras
 import numpy as np
 import pytest
 
+from tfjobs.features import NUMBERS
 from tfjobs.modeling.layers import (
-    NUMERIC,
     ColumnNormCap,
     DenseLayer,
     FanInNormal,
@@ -130,7 +130,7 @@ def test_residual_block_keeps_its_width_and_names_a_mismatch():
 
 
 def test_feature_vector_one_hot_and_embedding():
-    inputs = {NUMERIC: np.ones((3, 2), np.float32), "colour": np.array([0, 2, 1]), "shape": np.array([1, 1, 0])}
+    inputs = {NUMBERS: np.ones((3, 2), np.float32), "colour": np.array([0, 2, 1]), "shape": np.array([1, 1, 0])}
     layer = FeatureVector(2, {"colour": 3, "shape": 2}, {"colour": "embedding"}, {"colour": 4})
     out = np.asarray(layer(inputs))
     assert out.shape == (3, 2 + 4 + 2) == (3, layer.width)

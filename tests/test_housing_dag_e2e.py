@@ -88,14 +88,14 @@ def test_the_day_was_read_from_the_landing_prefix(runs, landing):
     state = json.loads((store / "preprocessing" / "housing" / DATE / "state.json").read_text())
     # ISLAND's 5 rows are below min_frequency: they train the out-of-vocabulary embedding.
     assert "ISLAND" not in state["features"]["ocean_proximity"]["vocabulary"]
-    assert state["features"]["ocean_proximity"]["infrequent"]["rows"] == 5
+    assert state["features"]["ocean_proximity"]["out_of_vocabulary"]["occurrences"] == 5
     assert state["features"]["total_bedrooms"]["missing"] > 0
 
 
 PROBE = """
 import json, sys
 import numpy as np, tensorflow as tf
-import tfjobs.preprocessing  # registers Shardline's Keras objects: the .keras file needs them
+import tfjobs.features.preprocessing  # registers Shardline's Keras objects: the .keras file needs them
 import keras
 
 state = json.loads(open(sys.argv[1]).read())

@@ -5,15 +5,16 @@ import collections
 import numpy as np
 import pytest
 
+from tfjobs.features import NUMBERS
 from tfjobs.storage.input_pipeline import open_shards, training_batches
-from tfjobs.preprocessing import FeaturePreprocessor
+from tfjobs.features.preprocessing import FeaturePreprocessor
 from tfjobs.storage.store import read_json
 
 
 def epoch_rows(dataset):
     rows = []
     for features, label in dataset:
-        numeric = features["numeric"].numpy()
+        numeric = features[NUMBERS].numpy()
         island = features["island"].numpy()
         rows += [(tuple(np.round(n, 5)), int(i), int(y)) for n, i, y in zip(numeric, island, label.numpy())]
     return rows

@@ -23,8 +23,18 @@ def test_errors_name_the_file_and_the_field(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"features": {"a": {"kind": "vector"}}}, r"features\.a\.kind 'vector'"),
-        ({"features": {"a": {"kind": "numeric", "missing": "drop"}}}, r"features\.a\.missing 'drop'"),
+        ({"features": {"a": {"kind": "vector"}}}, r"features\.a\.kind: 'vector' is not one of \['categorical'"),
+        ({"features": {"a": {"kind": "numeric", "missing": "drop"}}}, r"features\.a\.missing: 'drop' is not one of"),
+        ({"features": {"a": {"kind": "numeric", "bins": 4}}}, r"features\.a: \['bins'\] apply to transform: discretize"),
+        ({"features": {"a": {"kind": "numeric", "transform": "log"}}}, r"features\.a\.transform: 'log' is not one of"),
+        ({"features": {"a": {"kind": "numeric", "colour": 1}}}, r"features\.a\.colour: is not an option of this kind"),
+        ({"features": {"c": {"kind": "categorical", "encoding": "multi_hot"}}}, r"features\.c: encoding multi_hot needs a delimiter"),
+        ({"features": {"c": {"kind": "categorical", "delimiter": "|"}}}, r"features\.c: a delimited list needs encoding multi_hot"),
+        ({"features": {"c": {"kind": "categorical", "num_bins": 8, "min_frequency": 2}}}, r"num_bins hashes values without a vocabulary"),
+        ({"features": {"c": {"kind": "integer_categorical", "delimiter": "|"}}}, r"features\.c\.delimiter: is not an option"),
+        ({"crosses": [{"features": ["size", "colour"], "num_bins": 8}]}, r"crosses\[0\]: cross 'size_x_colour' needs an index from 'size'"),
+        ({"crosses": [{"features": ["colour", "nope"], "num_bins": 8}]}, r"crosses\[0\]: cross 'colour_x_nope' names 'nope', which is not a feature"),
+        ({"crosses": [{"features": ["colour", "batch"]}]}, r"crosses\[0\]\.num_bins: Field required"),
         ({"split": {"train": 0.9, "eval": 0.2, "test": 0.1}}, "sum to 1"),
         ({"split": {"key": ["nope"]}}, r"split\.key names unknown columns \['nope'\]"),
         ({"shards": {"train": 0}}, "positive integer"),
@@ -37,7 +47,7 @@ def test_errors_name_the_file_and_the_field(tmp_path):
         ({"training": {"loss": "huber"}}, r"'huber' does not fit a classification task; choose one of \['crossentropy'\]"),
         ({"training": {"huber_delta": 0}}, r"training\.huber_delta must be positive"),
         ({"training": {"jit_compile": "maybe"}}, r"training\.jit_compile 'maybe'"),
-        ({"features": {"c": {"kind": "categorical", "min_frequency": 0}}}, r"features\.c\.min_frequency must be"),
+        ({"features": {"c": {"kind": "categorical", "min_frequency": 0}}}, r"features\.c\.min_frequency: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_specs_are_rejected_with_the_field_named(change, message):

@@ -10,13 +10,14 @@ import pytest
 
 from conftest import ROOT
 from tfjobs import choices
+from tfjobs.features import NUMBERS
 from tfjobs.modeling.models import MODEL_KINDS, EncodedFeatures, build_training_model
 from tfjobs.spec import parse_spec
 from tfjobs.modeling.subclassed_models import ReconstructingModel, WideAndDeepModel
 from tfjobs.train import compile_for_task
 
 FEATURES = EncodedFeatures(
-    numeric=3, vocabulary_sizes={"colour": 5}, encodings={"colour": "embedding"}, embedding_dims={"colour": 2}
+    numeric_width=3, index_sizes={"colour": 5}, encodings={"colour": "embedding"}, embedding_dims={"colour": 2}
 )
 
 
@@ -34,8 +35,8 @@ def regression_spec(**model):
 
 def toy_data(n=256, seed=0):
     rng = np.random.default_rng(seed)
-    x = {"numeric": rng.normal(size=(n, 3)).astype("float32"), "colour": rng.integers(0, 5, n).astype("int64")}
-    y = (x["numeric"] @ np.array([1.0, -2.0, 0.5]) + 0.3 * x["colour"]).astype("float32")
+    x = {NUMBERS: rng.normal(size=(n, 3)).astype("float32"), "colour": rng.integers(0, 5, n).astype("int64")}
+    y = (x[NUMBERS] @ np.array([1.0, -2.0, 0.5]) + 0.3 * x["colour"]).astype("float32")
     return x, y
 
 
@@ -98,10 +99,10 @@ def test_every_kind_reloads_from_keras_files_in_a_fresh_process_with_identical_p
 
 @pytest.mark.parametrize("kind", sorted(choices.MODEL_KINDS))
 def test_every_kind_also_classifies(kind, penguins_spec):
-    features = EncodedFeatures(numeric=4, vocabulary_sizes={"island": 4, "sex": 3},
+    features = EncodedFeatures(numeric_width=4, index_sizes={"island": 4, "sex": 3},
                                encodings={"island": "one_hot", "sex": "embedding"}, embedding_dims={"sex": 2})
     model = build_training_model(penguins_spec, features, kind)
-    x = {"numeric": np.random.default_rng(0).normal(size=(6, 4)).astype("float32"),
+    x = {NUMBERS: np.random.default_rng(0).normal(size=(6, 4)).astype("float32"),
          "island": np.array([0, 1, 2, 3, 1, 0]), "sex": np.array([0, 1, 2, 0, 1, 2])}
     probabilities = np.asarray(model(x))
     assert probabilities.shape == (6, 3)
@@ -138,7 +139,7 @@ def test_reconstruction_loss_is_added_and_reported_as_a_metric():
     code = model.features(x)
     for layer in model.encoder:
         code = layer(code)
-    error = float(np.mean((np.asarray(model.decoder(code)) - x["numeric"]) ** 2))
+    error = float(np.mean((np.asarray(model.decoder(code)) - x[NUMBERS]) ** 2))
     np.testing.assert_allclose(float(added), 0.5 * error, rtol=1e-5)
     # The validation metric is the unweighted error on the validation data (here, the same rows).
     np.testing.assert_allclose(history["val_reconstruction_loss"][-1], error, rtol=1e-4)

@@ -1,22 +1,18 @@
 """Adapt the preprocessing to the training shards: one streaming pass, one readable state file.
 
-For every feature of the spec, over the train split only:
-
-- numeric: count, missing count, mean and (population) variance of the values
-  present, min and max: what ``keras.layers.Normalization`` needs;
-- categorical / integer categorical: the vocabulary, most frequent first (ties by
-  value), with counts, plus the missing token: what ``StringLookup`` /
-  ``IntegerLookup`` need. Values seen fewer than the feature's ``min_frequency``
-  times stay out of the vocabulary: they share the out-of-vocabulary index with
-  values never seen, which gives that index training examples (the state counts
-  them under ``infrequent``);
-- the label: class counts, or mean and standard deviation for regression.
+For every feature of the spec, over the train split only, its kind
+(:mod:`tfjobs.features`) keeps a streaming, mergeable statistics object and says what
+goes into ``state.json``: mean and variance (and quantile bin boundaries, min and
+max) for a number, a vocabulary with counts for a category, rows per bin for a
+hashed one, ... The state also holds each feature's kind and options, the spec's NA
+tokens and crosses, and the label's classes or mean and standard deviation: all that
+:class:`tfjobs.features.preprocessing.FeaturePreprocessor` needs to build its layers,
+in training and in the exported model.
 
 Why not call ``layer.adapt()`` on each layer: ``Normalization.adapt`` turns a single
 NaN into a NaN mean, and adapting layer by layer reads the shards once per layer.
 This job computes the same statistics (the tests compare them with ``adapt()``) in
-one pass with memory that does not grow with the data, and
-:class:`tfjobs.preprocessing.FeaturePreprocessor` builds the stock layers from them.
+one pass with memory that does not grow with the data.
 
     python -m tfjobs.adapt --spec include/penguins.yaml --shards <store>/shards/penguins/2026-11-25/manifest.json \\
         --output <store>/preprocessing/penguins/2026-11-25
@@ -33,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tfjobs import cli
-from tfjobs.spec import MISSING_INTEGER, MISSING_STRING, PipelineSpec, load_spec
+from tfjobs.features.base import RunningMoments
+from tfjobs.spec import PipelineSpec, load_spec
 from tfjobs.storage.store import join, read_json_if_exists, store_for, write_json
 
 log = logging.getLogger(__name__)
@@ -50,50 +47,6 @@ class AdaptResult:
     rewritten: bool
 
 
-class RunningMoments:
-    """Count, mean and sum of squared deviations, merged batch by batch (Chan et al.)."""
-
-    def __init__(self):
-        self.count = 0
-        self.mean = 0.0
-        self.m2 = 0.0
-        self.min = float("inf")
-        self.max = float("-inf")
-
-    def update(self, values: np.ndarray) -> None:
-        values = values.astype(np.float64)
-        if values.size == 0:
-            return
-        n, mean = values.size, float(values.mean())
-        m2 = float(((values - mean) ** 2).sum())
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean += delta * n / total
-        self.m2 += m2 + delta * delta * self.count * n / total
-        self.count = total
-        self.min = min(self.min, float(values.min()))
-        self.max = max(self.max, float(values.max()))
-
-    @property
-    def variance(self) -> float:
-        return self.m2 / self.count if self.count else 0.0
-
-
-def vocabulary_from_counts(
-    counts: collections.Counter, missing_token, min_frequency: int = 1
-) -> tuple[list, list[int]]:
-    """Most frequent first, ties by value; the missing token always has an index of its own.
-
-    Values seen fewer than ``min_frequency`` times are left out (they will look up
-    as out-of-vocabulary).
-    """
-    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    items = [(k, c) for k, c in items if c >= min_frequency or k == missing_token]
-    if missing_token not in counts:
-        items.append((missing_token, 0))
-    return [k for k, _ in items], [c for _, c in items]
-
-
 def adapt_preprocessing(spec: PipelineSpec, shards_manifest_uri: str, output_uri: str) -> AdaptResult:
     from tfjobs.storage.input_pipeline import open_shards, raw_batches
 
@@ -107,24 +60,15 @@ def adapt_preprocessing(spec: PipelineSpec, shards_manifest_uri: str, output_uri
     if previous and previous["shards_manifest_sha256"] == manifest_sha and previous["spec"] == spec.fingerprint():
         log.info("Preprocessing state at %s is up to date; nothing rewritten", state_uri)
         return _result(state_uri, previous, rewritten=False)
-    moments = {f.name: RunningMoments() for f in spec.features if f.kind == "numeric"}
-    missing = collections.Counter()
-    counts = {f.name: collections.Counter() for f in spec.features if f.is_categorical}
+    statistics = {f.name: f.statistics() for f in spec.features}
     label_values = collections.Counter()
     label_moments = RunningMoments()
     records = 0
     with open_shards(shards_manifest_uri, "train") as shards:
         for batch in raw_batches(shards, BATCH_SIZE).as_numpy_iterator():
             records += len(batch[spec.label.name])
-            for name, running in moments.items():
-                values = batch[name]
-                present = ~np.isnan(values)
-                missing[name] += int((~present).sum())
-                running.update(values[present])
-            for name, counter in counts.items():
-                values, value_counts = np.unique(batch[name], return_counts=True)
-                keys = [v.decode() for v in values] if values.dtype == object else values.tolist()
-                counter.update(dict(zip(keys, value_counts.tolist())))
+            for name, running in statistics.items():
+                running.update(batch[name])
             if spec.label.task == "classification":
                 label_values.update(v.decode() for v in batch[spec.label.name])
             else:
@@ -132,40 +76,8 @@ def adapt_preprocessing(spec: PipelineSpec, shards_manifest_uri: str, output_uri
     if records == 0:
         raise ValueError(f"The train split at {shards_manifest_uri} has no records: nothing to adapt on")
 
-    features = {}
-    for feature in spec.features:
-        if feature.kind == "numeric":
-            running = moments[feature.name]
-            if running.count == 0:
-                raise ValueError(f"Feature {feature.name!r} has no values in the train split: cannot normalize it")
-            features[feature.name] = {
-                "kind": "numeric",
-                "mean": running.mean,
-                "variance": running.variance,
-                "min": running.min,
-                "max": running.max,
-                "count": running.count,
-                "missing": missing[feature.name],
-            }
-        else:
-            token = MISSING_STRING if feature.kind == "categorical" else MISSING_INTEGER
-            vocabulary, vocabulary_counts = vocabulary_from_counts(counts[feature.name], token, feature.min_frequency)
-            kept = set(vocabulary)
-            infrequent = {k: c for k, c in counts[feature.name].items() if k not in kept}
-            features[feature.name] = {
-                "kind": feature.kind,
-                "vocabulary": vocabulary,
-                "counts": vocabulary_counts,
-                "missing_token": token,
-                "missing": counts[feature.name][token],
-                "infrequent": {"min_frequency": feature.min_frequency, "values": len(infrequent),
-                               "rows": sum(infrequent.values())},
-            }
-            if infrequent:
-                log.info(
-                    "%s: %d values seen fewer than %d times (%d rows) share the out-of-vocabulary index",
-                    feature.name, len(infrequent), feature.min_frequency, sum(infrequent.values()),
-                )
+    features = {f.name: {"kind": f.kind, "options": f.options.model_dump(exclude_defaults=True), **statistics[f.name].result()}
+                for f in spec.features}
     if spec.label.task == "classification":
         label = {
             "name": spec.label.name,
@@ -186,7 +98,9 @@ def adapt_preprocessing(spec: PipelineSpec, shards_manifest_uri: str, output_uri
         "spec": spec.fingerprint(),
         "shards_manifest_sha256": manifest_sha,
         "records": records,
+        "na_values": list(spec.na_values),
         "features": features,
+        "crosses": [cross.model_dump(mode="json") for cross in spec.crosses],
         "label": label,
     }
     write_json(state_uri, state)

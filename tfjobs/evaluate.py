@@ -42,7 +42,7 @@ def load_inference_model(model_uri: str, state_uri: str):
     """The trained model wrapped with its preprocessing: raw features in, label units out."""
     import keras
 
-    from tfjobs.preprocessing import build_inference_model
+    from tfjobs.features.preprocessing import build_inference_model
 
     with local_copy(model_uri) as path:
         training_model = keras.saving.load_model(path)

@@ -1,15 +1,23 @@
 """Export a blessed model for serving: raw features in, predictions out.
 
-Writes ``serving/<model_name>/<version>/`` in the TF Serving layout (a SavedModel
-whose ``serving_default`` signature takes one 1-D tensor per raw feature: strings
-for categories, float32 with NaN allowed for numbers, int64 for integer ids), plus
-``model.keras`` (the same inference model as a Keras file) and ``shardline.json``
-(where it came from and its test metrics).
+Writes ``serving/<model_name>/<version>/`` in the TF Serving layout, a SavedModel
+with two signatures:
+
+- ``serving_default``: one 1-D tensor per raw feature, in its kind's serving dtype
+  (float32 with NaN for a missing number, a string for a category, int64 for an id;
+  see :mod:`tfjobs.features`);
+- ``serving_raw``: every feature as the text of a CSV cell (a string), parsed and
+  cleaned inside the model exactly as the validate step parses and cleans a delivery
+  (surrounding whitespace stripped, NA tokens made missing);
+
+plus ``model.keras`` (the same inference model as a Keras file) and ``shardline.json``
+(where it came from, its test metrics and its signature).
 
 Before anything is published, a fresh Python process loads the SavedModel and
-predicts raw test rows, plus rows with every number missing and categories never
-seen in training; its answers must match the training pipeline's predictions for
-the same rows (training/serving skew check). The version is then published all
+predicts raw test rows, rows with each feature missing or never seen in training,
+and the same rows as CSV text with whitespace and NA-token variants through
+``serving_raw``; its answers must match the training pipeline's predictions for
+the clean rows (training/serving skew check). The version is then published all
 at once: renamed into place on a local store, ``saved_model.pb`` uploaded last on
 an object store (TF Serving takes ``saved_model.pb`` as the sign that a version is
 complete).
@@ -46,8 +54,7 @@ log = logging.getLogger(__name__)
 SAVED_MODEL_MARKER = "saved_model.pb"
 METADATA_FILE = "shardline.json"
 KERAS_FILE = "model.keras"
-UNSEEN_CATEGORY = "<never seen in training>"
-UNSEEN_ID = 987_654_321
+RAW_SIGNATURE = "serving_raw"
 
 
 class NotBlessedError(RuntimeError):
@@ -146,22 +153,31 @@ def export_model(args: ExportArgs) -> ExportResult:
 
 
 def signature_description(state: dict) -> dict:
-    dtypes = {"numeric": "float32", "categorical": "string", "integer_categorical": "int64"}
-    inputs = {name: dtypes[f["kind"]] for name, f in state["features"].items()}
+    """The signatures as a REST client sees them: each input's dtype and how to send it."""
+    from tfjobs.features import feature_from_state
+
+    inputs = {}
+    for name, entry in state["features"].items():
+        serving = feature_from_state(name, entry).serving()
+        inputs[name] = {"kind": entry["kind"], "dtype": serving.dtype, "send": serving.rest}
     if state["label"]["task"] == "classification":
         outputs = {"probabilities": "float32 [batch, classes]", "class_ids": "int64", "classes": "string"}
     else:
         outputs = {"predictions": "float32"}
-    return {"inputs": inputs, "outputs": outputs, "classes": state["label"].get("classes")}
+    return {"inputs": inputs, "outputs": outputs, "classes": state["label"].get("classes"),
+            RAW_SIGNATURE: "the same inputs, each as the text of a CSV cell (a string); the same outputs"}
 
 
 def write_saved_model(inference_model, state: dict, path: Path) -> None:
-    """A SavedModel whose ``serving_default`` takes raw features by name."""
+    """A SavedModel whose ``serving_default`` takes raw features by name, ``serving_raw`` their CSV text."""
     import keras
     import tensorflow as tf
 
-    dtypes = {"numeric": tf.float32, "categorical": tf.string, "integer_categorical": tf.int64}
-    signature = {name: tf.TensorSpec([None], dtypes[f["kind"]], name=name) for name, f in state["features"].items()}
+    from tfjobs.features.preprocessing import serving_inputs
+
+    signature = serving_inputs(state)
+    texts = {name: tf.TensorSpec([None], tf.string, name=name) for name in signature}
+    preprocess = inference_model.get_layer("preprocess")
     label = state["label"]
     classes = tf.constant(label.get("classes") or [""])
 
@@ -172,34 +188,49 @@ def write_saved_model(inference_model, state: dict, path: Path) -> None:
             return {"probabilities": outputs, "class_ids": class_ids, "classes": tf.gather(classes, class_ids)}
         return {"predictions": tf.reshape(outputs, [-1])}
 
+    def serve_text(features):
+        return serve(preprocess.parse_text(features))
+
     archive = keras.export.ExportArchive()
     archive.track(inference_model)
     archive.add_endpoint(name="serving_default", fn=serve, input_signature=[signature])
+    archive.add_endpoint(name=RAW_SIGNATURE, fn=serve_text, input_signature=[texts])
     archive.write_out(str(path), verbose=False)
 
 
 def edge_rows(state: dict, template: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Rows with every number missing, every category missing, and every category unseen."""
-    rows = {}
-    for name, feature in state["features"].items():
-        first = template[name][:1]
-        if feature["kind"] == "numeric":
-            rows[name] = np.concatenate([np.array([np.nan], np.float32), first, first])
-        elif feature["kind"] == "categorical":
-            rows[name] = np.array([first[0], b"", UNSEEN_CATEGORY.encode()], dtype=object)
-        else:
-            rows[name] = np.concatenate([first, np.array([-1, UNSEEN_ID], np.int64)])
-    return rows
+    """Rows where one feature at a time takes each of its kind's edge values (missing, never seen, far out of
+    range), the others the first test row's values; and one row where every feature takes its first edge value."""
+    from tfjobs.features import feature_from_state
+
+    features = [feature_from_state(name, entry) for name, entry in state["features"].items()]
+    edges = {f.name: f.edge_values(state["features"][f.name]) for f in features}
+    columns: dict[str, list] = {f.name: [] for f in features}
+    for feature in features:
+        for value in edges[feature.name]:
+            for name in columns:
+                columns[name].append(value if name == feature.name else template[name][0])
+    for name in columns:
+        columns[name].append(edges[name][0] if edges[name] else template[name][0])
+    return {name: np.array(values, dtype=template[name].dtype) for name, values in columns.items()}
+
+
+def text_rows(state: dict, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``rows`` as raw CSV text, as deliveries vary it: whitespace around values, NA tokens for missing ones."""
+    from tfjobs.features import feature_from_state
+
+    return {name: np.array(feature_from_state(name, entry).text_variants(rows[name], state["na_values"]), dtype=object)
+            for name, entry in state["features"].items()}
 
 
 def check_serving_skew(
     spec: PipelineSpec, training_model, state: dict, shards_manifest_uri: str, saved_model: Path, tmp: Path
 ) -> float:
-    """Max |serving - training pipeline| over test and edge rows, checked in a fresh process."""
+    """Max |serving - training pipeline| over test and edge rows, typed and as CSV text, checked in a fresh process."""
     import tensorflow as tf
 
+    from tfjobs.features.preprocessing import FeaturePreprocessor, label_output_layer
     from tfjobs.storage.input_pipeline import open_shards, raw_batches
-    from tfjobs.preprocessing import FeaturePreprocessor, label_output_layer
 
     with open_shards(shards_manifest_uri, "test") as shards:
         batches = list(raw_batches(shards, 100_000).as_numpy_iterator())
@@ -221,37 +252,45 @@ def check_serving_skew(
         raise ServingSkewError("The training pipeline predicts non-finite values for some test or edge rows")
 
     np.savez(tmp / "rows.npz", **rows)
+    np.savez(tmp / "texts.npz", **text_rows(state, rows))
     np.save(tmp / "expected.npy", expected)
     output = "probabilities" if spec.label.task == "classification" else "predictions"
     completed = subprocess.run(
         [sys.executable, "-m", "tfjobs.export", "check", "--saved-model", str(saved_model),
-         "--rows", str(tmp / "rows.npz"), "--expected", str(tmp / "expected.npy"), "--output-name", output],
+         "--rows", str(tmp / "rows.npz"), "--texts", str(tmp / "texts.npz"), "--expected", str(tmp / "expected.npy"),
+         "--output-name", output],
         capture_output=True, text=True, check=False,
         cwd=Path(__file__).resolve().parents[1],
     )
     if completed.returncode != 0:
         raise ServingSkewError(f"Serving skew check failed:\n{completed.stdout}\n{completed.stderr[-3000:]}")
     report = json.loads(completed.stdout)
-    log.info("Serving skew check on %d rows in a fresh process: max |diff| %.3g", report["rows"], report["max_abs_diff"])
-    return report["max_abs_diff"]
+    log.info("Serving skew check on %d rows in a fresh process: max |diff| %.3g typed, %.3g as CSV text",
+             report["rows"], report["max_abs_diff"], report["max_abs_diff_text"])
+    return max(report["max_abs_diff"], report["max_abs_diff_text"])
 
 
 def _check_main(args) -> int:
-    """Run in a fresh process: load the SavedModel, predict, compare."""
+    """Run in a fresh process: load the SavedModel, predict typed rows and their CSV text, compare."""
     import tensorflow as tf
 
-    rows = dict(np.load(args.rows, allow_pickle=True))
     expected = np.load(args.expected)
-    serve = tf.saved_model.load(args.saved_model).signatures["serving_default"]
-    actual = serve(**{name: tf.constant(values) for name, values in rows.items()})[args.output_name].numpy()
-    scale = max(1.0, float(np.abs(expected).max()))
-    diff = float(np.abs(actual - expected).max())
-    report = {"rows": int(len(expected)), "max_abs_diff": diff, "tolerance": 1e-5 * scale}
+    loaded = tf.saved_model.load(args.saved_model)
+    report = {"rows": int(len(expected)), "tolerance": 1e-5 * max(1.0, float(np.abs(expected).max()))}
+    failed = False
+    for key, signature, path in (("max_abs_diff", "serving_default", args.rows),
+                                 ("max_abs_diff_text", RAW_SIGNATURE, args.texts)):
+        rows = dict(np.load(path, allow_pickle=True))
+        serve = loaded.signatures[signature]
+        actual = serve(**{name: tf.constant(values) for name, values in rows.items()})[args.output_name].numpy()
+        diff = float(np.abs(actual - expected).max()) if actual.shape == expected.shape else float("inf")
+        report[key] = diff
+        if actual.shape != expected.shape or not np.isfinite(actual).all() or diff > report["tolerance"]:
+            print(f"{signature} differs from the training pipeline: shape {actual.shape} vs {expected.shape}, "
+                  f"max |diff| {diff}", file=sys.stderr)
+            failed = True
     print(json.dumps(report))
-    if actual.shape != expected.shape or not np.isfinite(actual).all() or diff > report["tolerance"]:
-        print(f"Serving output differs: shape {actual.shape} vs {expected.shape}, max |diff| {diff}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         parser = argparse.ArgumentParser(prog="python -m tfjobs.export check", description=_check_main.__doc__)
         parser.add_argument("--saved-model", required=True)
         parser.add_argument("--rows", required=True, help=".npz of raw feature columns")
+        parser.add_argument("--texts", required=True, help=".npz of the same rows as CSV text")
         parser.add_argument("--expected", required=True, help=".npy of the training pipeline's predictions")
         parser.add_argument("--output-name", required=True, help="the signature output to compare")
         sys.exit(_check_main(parser.parse_args(argv[1:])))

@@ -1,8 +1,10 @@
 """Predict with an exported model, loaded from the store like TF Serving would.
 
 Instances are raw rows, a JSON list of objects as in TF Serving's REST ``instances``
-format; ``null`` or an absent key means missing (NaN for numbers, ``""`` for
-categories, ``-1`` for integer ids).
+format. Rows of typed values (numbers as JSON numbers) go to the ``serving_default``
+signature; when a row has ``null``, an absent key or text for a number (``" 3.5"``,
+``"NA"``), every row goes to ``serving_raw`` as CSV text (``null`` and an absent key
+are an empty cell), which the model parses and cleans as the validate step does.
 
     python -m tfjobs.predict --serving .demo/store/serving/penguins --instances include/penguins_request.json
 """
@@ -11,32 +13,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tfjobs import cli
-from tfjobs.export import published_versions
-from tfjobs.spec import MISSING_INTEGER, MISSING_STRING
+from tfjobs.export import RAW_SIGNATURE, published_versions
 from tfjobs.storage.store import local_dir_copy
 
 
-def instances_to_columns(instances: list[dict[str, Any]], signature) -> dict[str, np.ndarray]:
-    """Row dicts -> one array per signature input, missing values filled the Shardline way."""
+def instances_to_columns(instances: list[dict[str, Any]], signature) -> tuple[str, dict[str, np.ndarray]]:
+    """Row dicts -> (the signature to call, one array per input)."""
     import tensorflow as tf
 
-    missing = {tf.float32: math.nan, tf.string: MISSING_STRING, tf.int64: MISSING_INTEGER}
-    columns = {}
-    for name, spec in signature.structured_input_signature[1].items():
-        values = [row.get(name) for row in instances]
-        filled = [missing[spec.dtype] if v is None else v for v in values]
-        columns[name] = np.array(filled, dtype=object if spec.dtype == tf.string else spec.dtype.as_numpy_dtype)
-    unknown = {key for row in instances for key in row} - set(columns)
+    inputs = signature.structured_input_signature[1]
+    unknown = {key for row in instances for key in row} - set(inputs)
     if unknown:
-        raise ValueError(f"Instances have keys the model does not take: {sorted(unknown)}; it takes {sorted(columns)}")
-    return columns
+        raise ValueError(f"Instances have keys the model does not take: {sorted(unknown)}; it takes {sorted(inputs)}")
+
+    def typed(value, spec) -> bool:
+        if value is None:
+            return False
+        return isinstance(value, str) == (spec.dtype == tf.string)
+
+    if all(typed(row.get(name), spec) for row in instances for name, spec in inputs.items()):
+        return "serving_default", {
+            name: np.array([row[name] for row in instances],
+                           dtype=object if spec.dtype == tf.string else spec.dtype.as_numpy_dtype)
+            for name, spec in inputs.items()
+        }
+    return RAW_SIGNATURE, {
+        name: np.array(["" if row.get(name) is None else str(row[name]) for row in instances], dtype=object)
+        for name in inputs
+    }
 
 
 def predict(serving_uri: str, instances: list[dict[str, Any]], version: int | None = None) -> dict[str, Any]:
@@ -49,9 +59,9 @@ def predict(serving_uri: str, instances: list[dict[str, Any]], version: int | No
     if version not in versions:
         raise FileNotFoundError(f"Version {version} is not published under {serving_uri}; versions: {list(versions)}")
     with local_dir_copy(versions[version]) as model_dir:
-        serve = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
-        columns = instances_to_columns(instances, serve)
-        outputs = serve(**{name: tf.constant(values) for name, values in columns.items()})
+        signatures = tf.saved_model.load(str(model_dir)).signatures
+        signature, columns = instances_to_columns(instances, signatures["serving_default"])
+        outputs = signatures[signature](**{name: tf.constant(values) for name, values in columns.items()})
     predictions = []
     for i in range(len(instances)):
         row = {}

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from tfjobs import cli
-from tfjobs.storage.examples import encode_padded, spec_columns
+from tfjobs.storage.examples import encode_padded
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
 from tfjobs.storage.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
 from tfjobs.storage.store import write_json
@@ -95,7 +95,7 @@ def shard_dataset(spec: PipelineSpec, validated_uri: str, output_uri: str, proce
         "spec": spec.fingerprint(),
         "input_sha256": report["data_sha256"],
         "compression": COMPRESSION,
-        "columns": [{"name": c.name, "dtype": c.dtype} for c in spec_columns(spec)],
+        "columns": [{"name": c.name, "dtype": c.dtype} for c in spec.record_columns()],
         "label": spec.label.name,
         "splits": splits,
     }
@@ -208,7 +208,7 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
     import pyarrow.parquet as pq
 
     reuse_freed_memory()
-    columns = spec_columns(spec)
+    columns = spec.record_columns()
     names = _shard_names(spec)
     first_shard = np.cumsum([0] + [spec.shards[split] for split in SPLITS])[:-1]
     shards_per_split = np.array([spec.shards[split] for split in SPLITS], np.uint64)

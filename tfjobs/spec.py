@@ -16,6 +16,10 @@ Example (``include/penguins.yaml``)::
     features:
       bill_length_mm: {kind: numeric}
       island: {kind: categorical}
+
+Each feature's ``kind`` and options are parsed by its kind (:mod:`tfjobs.features`);
+``python -m tfjobs.spec --schema`` prints the JSON Schema of a spec file, with every
+kind's options, for editors (``include/spec.schema.json``).
 """
 
 from __future__ import annotations
@@ -27,57 +31,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
 
 from tfjobs import choices
+from tfjobs.features import Cross, Feature, OptionsError, options_schema, parse_feature
+from tfjobs.storage.examples import Column
 
-FEATURE_KINDS = {
-    "numeric": "a float; normalized with the training mean and variance",
-    "categorical": "a string category; looked up in the training vocabulary",
-    "integer_categorical": "an integer id; looked up in the training vocabulary",
-}
-# Room for more: "text" (TextVectorization) and "image" kinds plug in here.
-
-MISSING_POLICIES = {
-    "impute": "numeric: the training mean; categorical: a token of its own",
-    "quarantine": "the row goes to the quarantine file with the reason",
-}
-CATEGORICAL_ENCODINGS = ("one_hot", "embedding")
 TASKS = ("classification", "regression")
 LABEL_SCALINGS = ("none", "standardize")
 SOURCE_KINDS = ("palmerpenguins", "sklearn", "tfds", "csv", "landing")
 SPLITS = ("train", "eval", "test")
 
-# An integer-categorical value that is missing is stored as this id.
-MISSING_INTEGER = -1
-# A categorical value that is missing is stored as the empty string.
-MISSING_STRING = ""
-
 
 class SpecError(ValueError):
     """A spec file is malformed; the message names the file and the field."""
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    name: str
-    kind: str
-    missing: str = "impute"
-    encoding: str = "one_hot"  # categorical kinds: one_hot | embedding
-    embedding_dim: int = 8
-    # Categorical kinds: values seen fewer times than this in training share the
-    # out-of-vocabulary index with values never seen, so that index gets trained.
-    min_frequency: int = 1
-    description: str = ""
-
-    @property
-    def dtype(self) -> str:
-        """The dtype of the raw value in shards and in the serving signature."""
-        return {"numeric": "float32", "categorical": "string", "integer_categorical": "int64"}[self.kind]
-
-    @property
-    def is_categorical(self) -> bool:
-        return self.kind in ("categorical", "integer_categorical")
 
 
 @dataclass(frozen=True)
@@ -89,6 +57,7 @@ class LabelSpec:
 
     @property
     def dtype(self) -> str:
+        """The label's storage dtype: a class name, or a float."""
         return "string" if self.task == "classification" else "float32"
 
 
@@ -124,7 +93,7 @@ class TrainingSpec:
     seed: int = 42
     loss: str = ""  # one of tfjobs.choices.TASK_LOSSES[task]; empty: the task's default
     huber_delta: float = 1.0  # the Huber loss's threshold, in training label units
-    loop: str = "fit"  # fit | custom (tfjobs.modeling.custom_loop); see tfjobs.choices.TRAINING_LOOPS
+    loop: str = "fit"  # fit | custom (tfjobs.custom_loop); see tfjobs.choices.TRAINING_LOOPS
     wide_learning_rate: float = 0.01  # custom loop: SGD's learning rate for a wide & deep model's wide part
     jit_compile: str = "auto"  # auto | true | false: XLA for the training step
 
@@ -191,8 +160,9 @@ class PipelineSpec:
     name: str
     source: SourceSpec
     label: LabelSpec
-    features: tuple[FeatureSpec, ...]
+    features: tuple[Feature, ...]
     description: str = ""
+    crosses: tuple[Cross, ...] = ()
     split: SplitSpec = SplitSpec()
     shards: dict[str, int] = field(default_factory=lambda: {"train": 1, "eval": 1, "test": 1})
     na_values: tuple[str, ...] = ("", "NA", "N/A", "NaN", "nan", "null", "None")
@@ -211,17 +181,24 @@ class PipelineSpec:
         """Every column the pipeline reads: the features, then the label."""
         return tuple(f.name for f in self.features) + (self.label.name,)
 
-    def feature(self, name: str) -> FeatureSpec:
+    def feature(self, name: str) -> Feature:
         for feature in self.features:
             if feature.name == name:
                 return feature
         raise KeyError(f"Spec {self.name!r} has no feature {name!r}")
 
-    def features_of_kind(self, kind: str) -> list[FeatureSpec]:
-        return [f for f in self.features if f.kind == kind]
+    def record_columns(self) -> list[Column]:
+        """The columns a record (and a validated row) holds: each feature's, then the label."""
+        return [f.column() for f in self.features] + [Column(self.label.name, self.label.dtype)]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {
+            **{name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+               for name, value in fields.items()},
+            "features": {f.name: f.to_dict() for f in self.features},
+            "crosses": [cross.model_dump() for cross in self.crosses],
+        }
 
     def fingerprint(self) -> str:
         """A stable hash of everything the spec says, for up-to-date checks."""
@@ -253,6 +230,7 @@ def parse_spec(raw: Any) -> PipelineSpec:
     features = tuple(_parse_feature(fname, fraw) for fname, fraw in features_raw.items())
     if not features:
         raise SpecError("'features' must list at least one feature")
+    crosses = _parse_crosses(raw.get("crosses") or [], {f.name: f for f in features})
     label = _parse_label(_required(raw, "label", dict))
     if label.name in features_raw:
         raise SpecError(f"label {label.name!r} is also listed as a feature")
@@ -287,6 +265,7 @@ def parse_spec(raw: Any) -> PipelineSpec:
         source=source,
         label=label,
         features=features,
+        crosses=crosses,
         split=split,
         shards=shards,
         na_values=na_values,
@@ -303,19 +282,33 @@ def parse_spec(raw: Any) -> PipelineSpec:
     return spec
 
 
-def _parse_feature(name: str, raw: Any) -> FeatureSpec:
-    if not isinstance(raw, dict) or "kind" not in raw:
-        raise SpecError(f"feature {name!r} needs a mapping with a 'kind' ({sorted(FEATURE_KINDS)})")
-    feature = _build(FeatureSpec, {"name": name, **raw}, f"features.{name}")
-    if feature.kind not in FEATURE_KINDS:
-        raise SpecError(f"features.{name}.kind {feature.kind!r} is not one of {sorted(FEATURE_KINDS)}")
-    if feature.missing not in MISSING_POLICIES:
-        raise SpecError(f"features.{name}.missing {feature.missing!r} is not one of {sorted(MISSING_POLICIES)}")
-    if feature.encoding not in CATEGORICAL_ENCODINGS:
-        raise SpecError(f"features.{name}.encoding {feature.encoding!r} is not one of {CATEGORICAL_ENCODINGS}")
-    if not isinstance(feature.min_frequency, int) or feature.min_frequency < 1:
-        raise SpecError(f"features.{name}.min_frequency must be an integer >= 1, got {feature.min_frequency!r}")
-    return feature
+def _parse_feature(name: str, raw: Any) -> Feature:
+    try:
+        return parse_feature(name, raw)
+    except OptionsError as err:
+        raise SpecError("; ".join(f"features.{name}{'.' + path if path else ''}: {message}"
+                                  for path, message in err.errors)) from None
+
+
+def _parse_crosses(raw: Any, features: dict[str, Feature]) -> tuple[Cross, ...]:
+    if not isinstance(raw, list):
+        raise SpecError("crosses must be a list of {features: [...], num_bins: N}")
+    crosses = []
+    for i, entry in enumerate(raw):
+        try:
+            cross = Cross(**entry) if isinstance(entry, dict) else Cross.model_validate(entry)
+            cross.check(features)
+        except pydantic.ValidationError as err:
+            raise SpecError("; ".join(f"crosses[{i}].{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                      for e in err.errors())) from None
+        except ValueError as err:
+            raise SpecError(f"crosses[{i}]: {err}") from None
+        crosses.append(cross)
+    names = [c.name for c in crosses]
+    clashes = sorted({n for n in names if names.count(n) > 1} | (set(names) & set(features)))
+    if clashes:
+        raise SpecError(f"crosses {clashes} are listed twice or share a feature's name")
+    return tuple(crosses)
 
 
 def _parse_label(raw: dict) -> LabelSpec:
@@ -329,6 +322,40 @@ def _parse_label(raw: dict) -> LabelSpec:
     if label.scaling not in LABEL_SCALINGS:
         raise SpecError(f"label.scaling {label.scaling!r} is not one of {LABEL_SCALINGS}")
     return label
+
+
+def json_schema() -> dict[str, Any]:
+    """A JSON Schema of a spec file (top level and every kind's feature options), for editors."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Shardline pipeline spec",
+        "type": "object",
+        "required": ["name", "source", "label", "features"],
+        "properties": {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "source": {"type": "object", "properties": {"kind": {"enum": list(SOURCE_KINDS)}}, "required": ["kind"]},
+            "label": {"type": "object", "properties": {"task": {"enum": list(TASKS)}}, "required": ["name", "task"]},
+            "features": {"type": "object", "minProperties": 1, "additionalProperties": options_schema()},
+            "crosses": {"type": "array", "items": Cross.model_json_schema()},
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tfjobs.spec", description="Check a spec, or print the JSON Schema")
+    parser.add_argument("spec", nargs="?", help="a spec YAML to check")
+    parser.add_argument("--schema", action="store_true", help="print the JSON Schema of spec files")
+    args = parser.parse_args(argv)
+    if args.schema:
+        print(json.dumps(json_schema(), indent=2, sort_keys=True))
+    elif args.spec:
+        spec = load_spec(args.spec)
+        print(f"{args.spec}: {spec.name}, {len(spec.features)} features, {len(spec.crosses)} crosses; fine")
+    else:
+        parser.error("give a spec to check, or --schema")
 
 
 def _required(raw: dict, key: str, kind: type) -> Any:
@@ -350,3 +377,7 @@ def _build(cls: type, raw: dict, where: str) -> Any:
         return cls(**raw)
     except TypeError as err:
         raise SpecError(f"{where}: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

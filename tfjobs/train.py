@@ -189,11 +189,6 @@ def read_into_memory(batches) -> tuple:
     return keras.tree.map_structure(lambda *pieces: np.concatenate(pieces), *parts)
 
 
-def encoded_row_bytes(preprocessor) -> int:
-    """Bytes one preprocessed row takes in memory: float32 numerics, int64 ids, the label."""
-    return 4 * len(preprocessor.numeric_names) + 8 * len(preprocessor.categorical_names) + 8
-
-
 def configure_devices():
     """Memory growth on every GPU; the distribution strategy for the cluster and what is visible.
 
@@ -241,7 +236,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
 
     from tfjobs.storage.input_pipeline import open_shards, training_batches
     from tfjobs.modeling.models import build_training_model, encoded_features
-    from tfjobs.preprocessing import FeaturePreprocessor
+    from tfjobs.features.preprocessing import FeaturePreprocessor
 
     strategy = configure_devices()
     multi_worker = cluster_task() is not None
@@ -255,7 +250,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
     preprocessor = FeaturePreprocessor(state)
 
     def fits_in_memory(shards) -> bool:
-        return shards.records * encoded_row_bytes(preprocessor) < CACHE_LIMIT_BYTES
+        return shards.records * preprocessor.encoded_row_bytes() < CACHE_LIMIT_BYTES
 
     # Keras on another backend (JAX) would convert every tf.data batch on the host and copy it
     # to the device: when the preprocessed rows fit in memory, it trains from there instead.
@@ -289,7 +284,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
         eval_data = dataset(eval_shards, for_training=False)
         train_input = "memory" if isinstance(train_data, keras.utils.PyDataset) else "tf.data"
         with strategy.scope():
-            model = build_training_model(spec, encoded_features(spec, preprocessor), kind)
+            model = build_training_model(spec, encoded_features(preprocessor), kind)
             compile_for_task(model, spec, settings)
         if getattr(train_data, "stack_steps", None):
             from tfjobs.modeling.in_memory import scan_stacked_steps

@@ -3,15 +3,17 @@
 Reads ``raw/<dataset>/<partition>/data.csv`` in chunks (memory does not grow with
 the file) and writes to ``validated/<dataset>/<partition>/``:
 
-- ``data.parquet``: the valid rows with the spec's types (float32 with NaN for a
-  missing number, ``""`` for a missing category, ``-1`` for a missing integer id);
+- ``data.parquet``: the valid rows, each feature cleaned and typed by its kind
+  (:mod:`tfjobs.features`: stripped of surrounding whitespace, NA tokens made the
+  kind's missing value, numbers parsed);
 - ``quarantine.csv``: every rejected row as it was, with its CSV line and the reason;
 - ``report.json`` (written last): counts, reasons, missing values per column.
 
 A missing required column fails the step with an error that names the column.
-A row is quarantined when its label is missing or not a known class, when a value
-cannot be parsed, or when a value is missing and the feature's policy is
-``quarantine``. No row is dropped silently: rows in = valid + quarantined.
+A row is quarantined when its label is missing or not a known class, when its
+feature's kind rejects a value (a number that does not parse, ...), or when a value
+is missing and the feature's policy is ``quarantine``. The served model cleans raw
+values with the same rules (the kinds' ``parse_text``/``clean_tensor``). No row is dropped silently: rows in = valid + quarantined.
 
     python -m tfjobs.validate --spec include/penguins.yaml --raw <store>/raw/penguins/2026-11-25 \\
         --output <store>/validated/penguins/2026-11-25
@@ -28,7 +30,9 @@ import numpy as np
 import pandas as pd
 
 from tfjobs import cli
-from tfjobs.spec import MISSING_INTEGER, MISSING_STRING, PipelineSpec, load_spec
+from tfjobs.features.base import WHITESPACE
+from tfjobs.spec import PipelineSpec, load_spec
+from tfjobs.storage.examples import arrow_type
 from tfjobs.storage.store import (
     join,
     local_copy,
@@ -124,10 +128,7 @@ def arrow_schema(spec: PipelineSpec):
     """The Parquet schema of validated data: spec columns in spec order."""
     import pyarrow as pa
 
-    types = {"float32": pa.float32(), "int64": pa.int64(), "string": pa.string()}
-    fields = [pa.field(f.name, types[f.dtype], nullable=False) for f in spec.features]
-    fields.append(pa.field(spec.label.name, types[spec.label.dtype], nullable=False))
-    return pa.schema(fields)
+    return pa.schema([pa.field(c.name, arrow_type(c.dtype), nullable=False) for c in spec.record_columns()])
 
 
 def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, source: str) -> dict:
@@ -198,8 +199,9 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str]):
     typed: dict[str, np.ndarray] = {}
     missing: dict[str, int] = {}
 
-    def reject(mask: pd.Series, reason: str, values: pd.Series | None = None) -> None:
+    def reject(mask, reason: str, values: pd.Series | None = None) -> None:
         """Quarantine the rows in ``mask``; ``reason`` may hold a {value} placeholder."""
+        mask = pd.Series(np.asarray(mask, bool), index=chunk.index)
         if not mask.any():
             return
         reason_counts[reason.replace(" {value}", "")] += int(mask.sum())
@@ -209,27 +211,17 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str]):
         row_reasons[mask] = previous.where(previous == "", previous + "; ") + text
 
     for feature in spec.features:
-        values = chunk[feature.name].str.strip()
-        is_na = values.isin(na_values)
-        missing[feature.name] = int(is_na.sum())
+        raw = chunk[feature.name]
+        cleaned = feature.clean(raw, na_values)
+        missing[feature.name] = int(cleaned.missing.sum())
         if feature.missing == "quarantine":
-            reject(is_na, f"{feature.name}: missing value (policy: quarantine)")
-        if feature.kind == "categorical":
-            typed[feature.name] = values.where(~is_na, MISSING_STRING).to_numpy(dtype=object)
-            continue
-        parsed = pd.to_numeric(values.where(~is_na), errors="coerce").astype("float64")
-        unparseable = ~is_na & ~np.isfinite(parsed)
-        reject(unparseable, f"{feature.name}: cannot parse {{value}} as a number", values)
-        if feature.kind == "integer_categorical":
-            fractional = ~is_na & ~unparseable & (parsed != np.round(parsed))
-            reject(fractional, f"{feature.name}: {{value}} is not an integer", values)
-            ids = parsed.fillna(MISSING_INTEGER).where(~unparseable & ~fractional, MISSING_INTEGER)
-            typed[feature.name] = ids.astype(np.int64).to_numpy()
-        else:
-            typed[feature.name] = parsed.where(~unparseable).astype(np.float32).to_numpy()
+            reject(cleaned.missing, f"{feature.name}: missing value (policy: quarantine)")
+        for rows, reason in cleaned.rejected:
+            reject(rows, f"{feature.name}: {reason}", raw.str.strip(WHITESPACE))
+        typed[feature.name] = cleaned.values
 
     label = spec.label
-    values = chunk[label.name].str.strip()
+    values = chunk[label.name].str.strip(WHITESPACE)
     is_na = values.isin(na_values)
     missing[label.name] = int(is_na.sum())
     reject(is_na, f"{label.name}: missing label")

@@ -3,9 +3,9 @@
 What a training model is made of when stock layers are not enough:
 
 - :class:`FeatureVector`: the encoded features (what
-  :class:`tfjobs.preprocessing.FeaturePreprocessor` outputs) as one float vector:
-  the numeric block, then each categorical index one-hot or through a trainable
-  ``Embedding``;
+  :class:`tfjobs.features.preprocessing.FeaturePreprocessor` outputs) as one float vector:
+  the stacked numbers, the vectors (multi-hot, counts), then each index one-hot or
+  through a trainable ``Embedding``;
 - :class:`DenseLayer`: a dense layer that creates its weights in ``build()`` with
   a custom initializer, regularizer and constraint;
 - :class:`TrainingNoise`: Gaussian noise added only when ``training=True``;
@@ -28,7 +28,7 @@ import random
 import keras
 from keras import layers, ops
 
-NUMERIC = "numeric"  # the key of the stacked numeric features in the encoded inputs
+from tfjobs.features import NUMBERS  # the key of the stacked numbers in the encoded inputs
 
 serializable = keras.saving.register_keras_serializable(package="shardline")
 
@@ -247,39 +247,43 @@ class ResidualBlock(layers.Layer):
 
 @serializable
 class FeatureVector(layers.Layer):
-    """Encoded features -> ``[batch, width]`` floats: the numeric block, then each categorical feature.
+    """Encoded features -> ``[batch, width]`` floats: the numbers, the vectors, then each index.
 
-    ``vocabulary_sizes`` are the lookup sizes (OOV index included); a categorical
-    feature whose ``encodings`` entry is ``"embedding"`` goes through a trainable
-    ``Embedding`` of ``embedding_dims[name]`` columns, any other is one-hot.
+    ``index_sizes`` are the sizes of the index inputs (an out-of-vocabulary index
+    included); an index whose ``encodings`` entry is ``"embedding"`` goes through a
+    trainable ``Embedding`` of ``embedding_dims[name]`` columns, any other is one-hot.
+    ``vector_widths`` are the widths of the vector inputs (multi-hot or count), taken as
+    they come.
     """
 
     def __init__(
         self,
         numeric_width: int,
-        vocabulary_sizes: dict[str, int],
+        index_sizes: dict[str, int],
         encodings: dict[str, str] | None = None,
         embedding_dims: dict[str, int] | None = None,
+        vector_widths: dict[str, int] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.numeric_width = int(numeric_width)
-        self.vocabulary_sizes = {name: int(size) for name, size in vocabulary_sizes.items()}
-        self.encodings = {name: (encodings or {}).get(name, "one_hot") for name in self.vocabulary_sizes}
+        self.index_sizes = {name: int(size) for name, size in index_sizes.items()}
+        self.encodings = {name: (encodings or {}).get(name, "one_hot") for name in self.index_sizes}
         self.embedding_dims = {name: int(dim) for name, dim in (embedding_dims or {}).items()}
-        if not self.numeric_width and not self.vocabulary_sizes:
-            raise ValueError("FeatureVector needs numeric features or categorical features, got neither")
+        self.vector_widths = {name: int(width) for name, width in (vector_widths or {}).items()}
+        if not self.numeric_width and not self.index_sizes and not self.vector_widths:
+            raise ValueError("FeatureVector needs numbers, indices or vectors, got none")
         self.embeddings = {
             name: layers.Embedding(size, self.embedding_dims.get(name, 8), name=f"embed_{name}")
-            for name, size in self.vocabulary_sizes.items()
+            for name, size in self.index_sizes.items()
             if self.encodings[name] == "embedding"
         }
 
     @property
     def width(self) -> int:
-        return self.numeric_width + sum(
+        return self.numeric_width + sum(self.vector_widths.values()) + sum(
             self.embeddings[name].output_dim if name in self.embeddings else size
-            for name, size in self.vocabulary_sizes.items()
+            for name, size in self.index_sizes.items()
         )
 
     def build(self, input_shape=None):
@@ -287,8 +291,9 @@ class FeatureVector(layers.Layer):
             embedding.build((None,))
 
     def call(self, inputs):
-        parts = [ops.cast(inputs[NUMERIC], self.compute_dtype)] if self.numeric_width else []
-        for name, size in self.vocabulary_sizes.items():
+        parts = [ops.cast(inputs[NUMBERS], self.compute_dtype)] if self.numeric_width else []
+        parts += [ops.cast(inputs[name], self.compute_dtype) for name in self.vector_widths]
+        for name, size in self.index_sizes.items():
             indices = inputs[name]
             if name in self.embeddings:
                 parts.append(self.embeddings[name](indices))
@@ -297,15 +302,16 @@ class FeatureVector(layers.Layer):
         return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
     def compute_output_shape(self, input_shape):
-        batch = input_shape[NUMERIC][0] if self.numeric_width else next(iter(input_shape.values()))[0]
+        batch = next(iter(input_shape.values()))[0]
         return (batch, self.width)
 
     def get_config(self):
         config = {
             "numeric_width": self.numeric_width,
-            "vocabulary_sizes": self.vocabulary_sizes,
+            "index_sizes": self.index_sizes,
             "encodings": self.encodings,
             "embedding_dims": self.embedding_dims,
+            "vector_widths": self.vector_widths,
         }
         base_config = super().get_config()
         return {**base_config, **config}

@@ -1,7 +1,8 @@
 """Training models, built from the spec and the adapted preprocessing.
 
 A training model takes *encoded* features (what
-:class:`tfjobs.preprocessing.FeaturePreprocessor` outputs) and is written with
+:class:`tfjobs.features.preprocessing.FeaturePreprocessor` outputs: numbers stacked,
+indices for one-hot or embeddings, multi-hot vectors) and is written with
 backend-agnostic Keras (``keras.layers``, ``keras.ops``): string lookups stay in
 the input pipeline and in the exported inference model, so the same model also
 trains under ``KERAS_BACKEND=jax``.
@@ -19,15 +20,17 @@ in a fresh process after ``import tfjobs.modeling.models``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import keras
 from keras import layers
 
 from tfjobs import choices
 from tfjobs.modeling import losses, metrics  # noqa: F401  (registered for compile configs)
-from tfjobs.modeling.layers import NUMERIC, FeatureVector
+from tfjobs.features import NUMBERS
+from tfjobs.modeling.layers import FeatureVector
 from tfjobs.spec import ModelSpec, PipelineSpec
 from tfjobs.modeling.subclassed_models import ReconstructingModel, ResidualModel, WideAndDeepModel
 
@@ -61,45 +64,50 @@ def register_model(name: str, options: tuple[str, ...] = ()):
 
 @dataclass(frozen=True)
 class EncodedFeatures:
-    """What the training model's inputs are: names, vocabulary sizes, encodings."""
+    """What the training model's inputs are, as the features' kinds encode them (``FeaturePreprocessor.encodings``).
 
-    numeric: int  # how many numeric columns are stacked under "numeric"
-    vocabulary_sizes: dict[str, int]
-    encodings: dict[str, str]  # categorical name -> one_hot | embedding
-    embedding_dims: dict[str, int]
+    ``numeric_width`` numbers stacked under ``NUMBERS``; an index per feature in ``index_sizes``
+    (one-hot or embedded, as ``encodings`` says); a vector per feature in ``vector_widths``.
+    """
+
+    numeric_width: int
+    index_sizes: dict[str, int]
+    encodings: dict[str, str] = field(default_factory=dict)
+    embedding_dims: dict[str, int] = field(default_factory=dict)
+    vector_widths: dict[str, int] = field(default_factory=dict)
 
 
-def encoded_features(spec: PipelineSpec, preprocessor) -> EncodedFeatures:
-    categorical = [f for f in spec.features if f.is_categorical]
+def encoded_features(preprocessor) -> EncodedFeatures:
+    encodings = preprocessor.encodings
+    numbers = encodings.get(NUMBERS)
+    indices = {name: e for name, e in encodings.items() if e.form == "index"}
     return EncodedFeatures(
-        numeric=len(preprocessor.numeric_names),
-        vocabulary_sizes=preprocessor.vocabulary_sizes(),
-        encodings={f.name: f.encoding for f in categorical},
-        embedding_dims={f.name: f.embedding_dim for f in categorical},
+        numeric_width=numbers.size if numbers else 0,
+        index_sizes={name: e.size for name, e in indices.items()},
+        encodings={name: e.encoding for name, e in indices.items()},
+        embedding_dims={name: e.embedding_dim for name, e in indices.items()},
+        vector_widths={name: e.size for name, e in encodings.items() if e.form == "vector" and name != NUMBERS},
     )
 
 
 def model_inputs(features: EncodedFeatures) -> dict[str, keras.KerasTensor]:
     inputs = {}
-    if features.numeric:
-        inputs[NUMERIC] = keras.Input(shape=(features.numeric,), dtype="float32", name=NUMERIC)
-    for name in features.vocabulary_sizes:
+    if features.numeric_width:
+        inputs[NUMBERS] = keras.Input(shape=(features.numeric_width,), dtype="float32", name=NUMBERS)
+    for name in features.index_sizes:
         inputs[name] = keras.Input(shape=(), dtype="int64", name=name)
+    for name, width in features.vector_widths.items():
+        inputs[name] = keras.Input(shape=(width,), dtype="float32", name=name)
     return inputs
 
 
 def feature_arguments(features: EncodedFeatures) -> dict:
     """The arguments of :class:`tfjobs.modeling.layers.FeatureVector` and the subclassed models."""
-    return {
-        "numeric_width": features.numeric,
-        "vocabulary_sizes": features.vocabulary_sizes,
-        "encodings": features.encodings,
-        "embedding_dims": features.embedding_dims,
-    }
+    return dataclasses.asdict(features)
 
 
 def feature_vector(inputs: dict, features: EncodedFeatures):
-    """Numeric columns and every categorical one-hot or embedded, side by side."""
+    """The numbers, the vectors, and every index one-hot or embedded, side by side."""
     return FeatureVector(**feature_arguments(features), name="features")(inputs)
 
 

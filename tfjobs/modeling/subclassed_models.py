@@ -1,7 +1,7 @@
 """Subclassed training models: ``keras.Model`` subclasses with ``build()``, ``call()`` and ``get_config()``.
 
-Each takes the encoded features (``{"numeric": [batch, k], <categorical>: [batch]}``,
-what :class:`tfjobs.preprocessing.FeaturePreprocessor` outputs) and returns one
+Each takes the encoded features (``{NUMBERS: [batch, k], <index>: [batch], <vector>: [batch, n]}``,
+what :class:`tfjobs.features.preprocessing.FeaturePreprocessor` outputs) and returns one
 value per example for regression, class probabilities for classification
 (``output_units > 1``). They are written with ``keras.layers`` and ``keras.ops`` only,
 so they train on any Keras backend and export like functional models.
@@ -27,8 +27,8 @@ import math
 import keras
 from keras import ops
 
+from tfjobs.features import NUMBERS
 from tfjobs.modeling.layers import (
-    NUMERIC,
     ColumnNormCap,
     DenseLayer,
     FanInNormal,
@@ -52,34 +52,38 @@ class EncodedFeatureModel(keras.Model):
     def __init__(
         self,
         numeric_width: int,
-        vocabulary_sizes: dict[str, int],
+        index_sizes: dict[str, int],
         encodings: dict[str, str] | None = None,
         embedding_dims: dict[str, int] | None = None,
+        vector_widths: dict[str, int] | None = None,
         output_units: int = 1,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.numeric_width = int(numeric_width)
-        self.vocabulary_sizes = dict(vocabulary_sizes)
+        self.index_sizes = dict(index_sizes)
         self.encodings = dict(encodings or {})
         self.embedding_dims = dict(embedding_dims or {})
+        self.vector_widths = dict(vector_widths or {})
         self.output_units = int(output_units)
 
     def feature_vector(self, encodings: dict[str, str] | None = None, name: str = "features") -> FeatureVector:
         return FeatureVector(
             self.numeric_width,
-            self.vocabulary_sizes,
+            self.index_sizes,
             self.encodings if encodings is None else encodings,
             self.embedding_dims,
+            self.vector_widths,
             name=name,
         )
 
     def get_config(self):
         config = {
             "numeric_width": self.numeric_width,
-            "vocabulary_sizes": self.vocabulary_sizes,
+            "index_sizes": self.index_sizes,
             "encodings": self.encodings,
             "embedding_dims": self.embedding_dims,
+            "vector_widths": self.vector_widths,
             "output_units": self.output_units,
         }
         base_config = super().get_config()
@@ -137,7 +141,7 @@ class WideAndDeepModel(EncodedFeatureModel):
         super().__init__(**kwargs)
         self.hidden_units = tuple(int(u) for u in hidden_units)
         self.wide_penalty, self.max_norm = float(wide_penalty), float(max_norm)
-        self.wide_features = self.feature_vector({name: "one_hot" for name in self.vocabulary_sizes}, "wide_features")
+        self.wide_features = self.feature_vector({name: "one_hot" for name in self.index_sizes}, "wide_features")
         self.wide = DenseLayer(self.output_units, kernel_regularizer=GroupLasso(self.wide_penalty), name="wide")
         self.deep_features = self.feature_vector(name="deep_features")
         self.deep = [
@@ -197,7 +201,7 @@ class ReconstructingModel(EncodedFeatureModel):
                  **kwargs):
         super().__init__(**kwargs)
         if not self.numeric_width:
-            raise ValueError("ReconstructingModel reconstructs the numeric features, and this spec has none")
+            raise ValueError("ReconstructingModel reconstructs the features encoded as numbers, and this spec has none")
         if not reconstruction_weight > 0:
             raise ValueError(f"ReconstructingModel needs reconstruction_weight > 0, got {reconstruction_weight!r}")
         self.hidden_units = tuple(int(u) for u in hidden_units)
@@ -224,7 +228,7 @@ class ReconstructingModel(EncodedFeatureModel):
         for layer in self.encoder:
             x = layer(x)
         reconstruction = self.decoder(x)
-        error = ops.mean(ops.square(reconstruction - ops.cast(inputs[NUMERIC], reconstruction.dtype)))
+        error = ops.mean(ops.square(reconstruction - ops.cast(inputs[NUMBERS], reconstruction.dtype)))
         self.add_loss(self.reconstruction_weight * error)
         return self.head(x)
 

@@ -28,7 +28,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DTYPES = ("float32", "int64", "string")
+#: Storage dtypes, and each one's type in Arrow (validated data) and TensorFlow (records, serving):
+#: the one dtype map every step and every feature kind uses.
+DTYPES = {
+    "float32": {"arrow": "float32", "tensorflow": "float32"},
+    "int64": {"arrow": "int64", "tensorflow": "int64"},
+    "string": {"arrow": "string", "tensorflow": "string"},
+}
+
+
+def tf_dtype(dtype: str):
+    """The TensorFlow dtype of a storage dtype."""
+    import tensorflow as tf
+
+    return tf.dtypes.as_dtype(DTYPES[dtype]["tensorflow"])
+
+
+def arrow_type(dtype: str):
+    """The Arrow type of a storage dtype."""
+    import pyarrow as pa
+
+    return pa.type_for_alias(DTYPES[dtype]["arrow"])
 
 
 @dataclass(frozen=True)
@@ -40,14 +60,9 @@ class Column:
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
-            raise ValueError(f"Column {self.name!r}: dtype {self.dtype!r} is not one of {DTYPES}")
+            raise ValueError(f"Column {self.name!r}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if len(self.name.encode()) > 100:
             raise ValueError(f"Column name {self.name!r} is longer than 100 bytes")
-
-
-def spec_columns(spec) -> list[Column]:
-    """The columns a pipeline spec's shards hold: the features, then the label."""
-    return [Column(f.name, f.dtype) for f in spec.features] + [Column(spec.label.name, spec.label.dtype)]
 
 
 def serialize_examples(columns: Sequence[Column], values: Mapping[str, np.ndarray]) -> list[bytes]:
@@ -68,8 +83,7 @@ def parse_features(columns: Sequence[Column]) -> dict:
     """The ``tf.io.parse_example`` feature spec for ``columns``."""
     import tensorflow as tf
 
-    dtypes = {"float32": tf.float32, "int64": tf.int64, "string": tf.string}
-    return {c.name: tf.io.FixedLenFeature([], dtypes[c.dtype]) for c in columns}
+    return {c.name: tf.io.FixedLenFeature([], tf_dtype(c.dtype)) for c in columns}
 
 
 @dataclass(frozen=True)
