@@ -1,5 +1,9 @@
 """The S3 object store and the streamed input pipeline, against a real S3 endpoint on loopback."""
 
+import json
+import re
+import traceback
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -107,14 +111,19 @@ def test_failed_publish_leaves_nothing_that_looks_complete(bucket, tmp_path, mon
 
 
 def test_unknown_bucket_and_wrong_credentials_are_named_without_secrets(endpoint):
+    from botocore.exceptions import ClientError
+
     s3.configure(lambda: endpoint.client(), source="Airflow connection 'shardline_store'")
-    with pytest.raises(s3.ObjectStoreAccessError, match="bucket 'no-such-bucket' does not exist.*'shardline_store'"):
+    with pytest.raises(s3.ObjectStoreAccessError, match="bucket 'no-such-bucket' does not exist "
+                       r"\(S3 answered NoSuchBucket: The specified bucket does not exist; .*'shardline_store'"):
         store_for("s3://no-such-bucket/x").read_bytes("s3://no-such-bucket/x")
     s3.configure(lambda: endpoint.client(secret_key="wrong-secret-123"), source="Airflow connection 'typo'")
-    with pytest.raises(s3.ObjectStoreAccessError, match="denied.*check the credentials in Airflow connection 'typo'") as info:
+    with pytest.raises(s3.ObjectStoreAccessError, match="denied .S3 answered SignatureDoesNotMatch: The request signature "
+                       "we calculated does not match.*check the credentials in Airflow connection 'typo'") as info:
         store_for("s3://shardline/x").write_bytes("s3://shardline/x", b"x")
-    assert endpoint.secret_key not in str(info.value) and "wrong-secret-123" not in str(info.value)
-    assert info.value.__cause__ is None  # no botocore internals chained on
+    assert isinstance(info.value.__cause__, ClientError)  # the botocore error stays attached
+    logged = "".join(traceback.format_exception(info.value))  # what a task log shows: the whole chain
+    assert endpoint.secret_key not in logged and "wrong-secret-123" not in logged
     s3.configure()
 
 
@@ -164,8 +173,6 @@ def test_retries_absorb_throttling_and_dropped_connections(endpoint, bucket, tmp
 
 
 def test_operators_take_credentials_from_the_airflow_connection(endpoint, monkeypatch, tmp_path):
-    import json
-
     from airflow.sdk.exceptions import AirflowFailException
 
     from operators import FetchDatasetOperator
@@ -191,6 +198,63 @@ def test_operators_take_credentials_from_the_airflow_connection(endpoint, monkey
     with pytest.raises(AirflowFailException, match="bucket 'missing-bucket' does not exist"):
         missing.execute(context())
     s3.configure()
+
+
+def refusing_deletes(endpoint, bucket: str, keys: str):
+    """A client of a new bucket whose policy denies s3:DeleteObject on ``keys`` (a pattern)."""
+    client = endpoint.client()
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Deny", "Principal": "*", "Action": "s3:DeleteObject", "Resource": f"arn:aws:s3:::{bucket}/{keys}",
+    }]}))
+    return client
+
+
+def test_a_refused_delete_fails_the_step_naming_the_key_and_the_cause(endpoint, tmp_path):
+    """S3 answers DeleteObjects with HTTP 200 and per-key Errors: here a bucket policy denies one key."""
+    client = refusing_deletes(endpoint, "guarded", "raw/*/manifest.json")
+    s3.configure(lambda: client, source="Airflow connection 'guarded_store'")
+    spec = tiny_spec()
+    (tmp_path / "first.csv").write_text("size,colour,batch,kind\n1.0,red,1,a\n")
+    (tmp_path / "second.csv").write_text("size,colour,batch,kind\n2.0,blue,2,b\n")
+    output = "s3://guarded/raw/tiny/2026-11-25"
+    try:
+        fetch_dataset(spec, output, source_uri=str(tmp_path / "first.csv"))
+        with pytest.raises(s3.ObjectStoreAccessError, match=re.escape(
+            f"Cannot delete {output}/manifest.json: S3 refused {output}/manifest.json: AccessDenied: Access Denied; "
+            "the credentials in Airflow connection 'guarded_store' need s3:DeleteObject"
+        )):
+            fetch_dataset(spec, output, source_uri=str(tmp_path / "second.csv"))  # a changed source: manifest out first
+        store = store_for(output)
+        with pytest.raises(s3.ObjectStoreAccessError, match=r"S3 refused s3://guarded/raw/tiny/2026-11-25/manifest"):
+            store.delete("s3://guarded/raw")
+        assert store.list("s3://guarded/raw") == [f"{output}/manifest.json"]  # the rest went
+    finally:
+        s3.configure()
+
+
+def test_keys_that_fail_to_delete_transiently_are_deleted_again(endpoint, bucket, monkeypatch):
+    store = store_for(bucket)
+    for name in ("a", "b", "c"):
+        store.write_bytes(f"{bucket}/flaky-delete/{name}", b"x")
+    client = s3.client()
+    real_delete_objects = client.delete_objects
+    answers = []
+
+    def once_internal_error_for_b(**kwargs):
+        objects = kwargs["Delete"]["Objects"]
+        if not answers and {"Key": "flaky-delete/b"} in objects:
+            kwargs["Delete"]["Objects"] = [o for o in objects if o["Key"] != "flaky-delete/b"]
+            error = {"Key": "flaky-delete/b", "Code": "InternalError", "Message": "We encountered an internal error."}
+            answer = {**real_delete_objects(**kwargs), "Errors": [error]}
+        else:
+            answer = real_delete_objects(**kwargs)
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(client, "delete_objects", once_internal_error_for_b)
+    store.delete(f"{bucket}/flaky-delete")
+    assert store.list(f"{bucket}/flaky-delete") == [] and len(answers) == 2
 
 
 def test_local_store_is_untouched_by_s3_configuration(tmp_path):
