@@ -9,10 +9,10 @@ for categories, float32 with NaN allowed for numbers, int64 for integer ids), pl
 Before anything is published, a fresh Python process loads the SavedModel and
 predicts raw test rows, plus rows with every number missing and categories never
 seen in training; its answers must match the training pipeline's predictions for
-the same rows (training/serving skew check). The version is then published all
-at once: renamed into place on a local store, ``saved_model.pb`` uploaded last on
-an object store (TF Serving takes ``saved_model.pb`` as the sign that a version is
-complete).
+the same rows (training/serving skew check). The version is then published:
+renamed into place on a local store; on an object store uploaded under a hidden
+staging prefix and copied into ``<version>/`` on the server, ``saved_model.pb``
+last (TF Serving loads any integer directory it finds, complete or not).
 
 Versions are integers; the caller proposes one (the run's logical date in Unix
 seconds). Published versions are never overwritten: re-exporting the same model

@@ -7,9 +7,11 @@ URIs are ``s3://bucket/prefix/...``. Credentials and the endpoint come from:
 - otherwise the standard AWS environment and config files (``AWS_ACCESS_KEY_ID``,
   ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, ...) or the jobs' ``--s3-endpoint-url`` option.
 
-Transfers go through boto3's transfer manager (multipart, concurrent); botocore
-retries throttling and server errors in ``standard`` mode with a generous attempt
-budget; reads ask S3 to verify its checksums (``ChecksumMode=ENABLED``).
+Transfers go through boto3's transfer manager (multipart, concurrent); copies run
+on the server (``CopyObject``, or ``UploadPartCopy`` parts above the multipart
+threshold); botocore retries throttling and server errors in ``standard`` mode with
+a generous attempt budget; reads ask S3 to verify its checksums
+(``ChecksumMode=ENABLED``).
 
 Errors are re-raised as :class:`ObjectStoreError` from the botocore error: the
 message has S3's error code and message, the URI, and where the credentials came
@@ -21,19 +23,16 @@ reported otherwise.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tfjobs.storage.store import ObjectStore, register_backend
-
-log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 10
 MULTIPART_THRESHOLD = 16 << 20
@@ -286,16 +285,20 @@ class S3Store(ObjectStore):
             raise _explain(err, "download", uri) from err
         return digest.hexdigest()
 
-    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = ()) -> None:
-        """Upload every file, the markers last; on failure remove what was uploaded."""
+    def copy(self, src_uri: str, dst_uri: str, size: int | None = None) -> None:
+        """A server-side copy: one ``CopyObject`` below the multipart threshold, else ``UploadPartCopy`` parts."""
+        src_bucket, src_key = split_uri(src_uri)
+        bucket, key = split_uri(dst_uri)
+        source = {"Bucket": src_bucket, "Key": src_key}
         try:
-            super().publish_dir(local_dir, uri, last)
-        except Exception:
-            try:
-                self.delete(uri)
-            except Exception:  # the original error matters more than the cleanup's
-                log.warning("Could not remove the partial upload at %s", uri)
-            raise
+            if size is not None and size < MULTIPART_THRESHOLD:
+                client().copy_object(CopySource=source, Bucket=bucket, Key=key)
+            else:
+                client().copy(source, bucket, key, Config=_transfer_config())
+        except Exception as err:
+            if _missing(err):
+                raise FileNotFoundError(f"{src_uri} does not exist") from err
+            raise _explain(err, f"copy {src_uri} to", dst_uri) from err
 
 
 register_backend("s3", S3Store)
