@@ -336,6 +336,41 @@ def test_operators_take_credentials_from_the_airflow_connection(endpoint, monkey
     s3.configure()
 
 
+def test_the_connections_config_kwargs_merge_over_the_project_defaults(endpoint, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from operators.base import use_store_connection
+
+    def connection_with(config_kwargs):
+        conn = json.loads(endpoint.airflow_connection())
+        conn["extra"]["config_kwargs"] = config_kwargs
+        return json.dumps(conn)
+
+    monkeypatch.setenv("AIRFLOW_CONN_PATH_STYLE", connection_with(
+        {"signature_version": "s3v4", "s3": {"addressing_style": "path"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_FEW_RETRIES", connection_with({"retries": {"max_attempts": 2}, "read_timeout": 5}))
+    try:
+        use_store_connection("s3://shardline/x", "path_style")
+        config = s3.client().meta.config
+        assert (config.signature_version, config.s3) == ("s3v4", {"addressing_style": "path"})
+        assert config.retries == {"mode": "standard", "total_max_attempts": s3.MAX_ATTEMPTS + 1}
+        assert (config.connect_timeout, config.read_timeout, config.request_checksum_calculation) == (
+            10, 60, "when_supported")
+        store_for("s3://shardline/x").write_bytes("s3://shardline/x/path-style", b"through the connection")
+
+        use_store_connection("s3://shardline/x", "few_retries")
+        config = s3.client().meta.config
+        assert config.retries == {"mode": "standard", "total_max_attempts": 3}  # the user's attempts, our mode
+        assert (config.connect_timeout, config.read_timeout) == (10, 5)
+
+        monkeypatch.setenv("AIRFLOW_CONN_TYPO", connection_with({"retry": {"max_attempts": 3}}))
+        with pytest.raises(AirflowFailException, match="Airflow connection 'typo': config_kwargs in its extra are not "
+                           "botocore Config options .*'retry'"):
+            use_store_connection("s3://shardline/x", "typo")
+    finally:
+        s3.configure()
+
+
 def refusing_deletes(endpoint, bucket: str, keys: str):
     """A client of a new bucket whose policy denies s3:DeleteObject on ``keys`` (a pattern)."""
     client = endpoint.client()

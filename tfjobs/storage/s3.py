@@ -11,7 +11,8 @@ Transfers go through boto3's transfer manager (multipart, concurrent); copies ru
 on the server (``CopyObject``, or ``UploadPartCopy`` parts above the multipart
 threshold); botocore retries throttling and server errors in ``standard`` mode with
 a generous attempt budget; reads ask S3 to verify its checksums
-(``ChecksumMode=ENABLED``).
+(``ChecksumMode=ENABLED``). An Airflow connection's ``config_kwargs`` are merged over
+these defaults (:func:`botocore_config`).
 
 Errors are re-raised as :class:`ObjectStoreError` from the botocore error: the
 message has S3's error code and message, the URI, and where the credentials came
@@ -22,13 +23,14 @@ reported otherwise.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,23 +50,48 @@ class ObjectStoreAccessError(ObjectStoreError, PermissionError):
     """No credentials, wrong credentials, no permission or no such bucket: retrying will not help."""
 
 
-def botocore_config(max_pool_connections: int = 32):
-    """Retries for throttling (503 SlowDown), 5xx and dropped connections; checksums on."""
-    from botocore.config import Config
-
-    return Config(
-        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
-        max_pool_connections=max_pool_connections,
-        connect_timeout=10,
-        read_timeout=60,
-        request_checksum_calculation="when_supported",
-        response_checksum_validation="when_supported",
-    )
-
-
+#: Retries for throttling (503 SlowDown), 5xx and dropped connections; checksums on.
+BOTOCORE_DEFAULTS: dict[str, Any] = {
+    "retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+    "max_pool_connections": 32,
+    "connect_timeout": 10,
+    "read_timeout": 60,
+    "request_checksum_calculation": "when_supported",
+    "response_checksum_validation": "when_supported",
+}
 #: Per-key ``DeleteObjects`` errors worth another try.
 TRANSIENT_DELETE_ERRORS = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"})
 ACCESS_ERRORS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"})
+
+
+def botocore_config(config_kwargs: Mapping[str, Any] | None = None):
+    """The project's botocore defaults with ``config_kwargs`` merged over them, key by key.
+
+    ``config_kwargs`` are an Airflow aws connection's (its extra), the keyword
+    arguments of ``botocore.config.Config``. Their values win; nested dicts merge,
+    so ``{"retries": {"max_attempts": 3}}`` keeps ``mode: standard`` and
+    ``{"s3": {"addressing_style": "path"}}`` adds to whatever ``s3`` holds.
+    ``"signature_version": "unsigned"`` means anonymous requests, as in the provider.
+    """
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    if config_kwargs is not None and not isinstance(config_kwargs, Mapping):
+        raise TypeError(f"config_kwargs must be a JSON object of botocore Config options, got {config_kwargs!r}")
+    kwargs = _merged(BOTOCORE_DEFAULTS, config_kwargs or {})
+    if kwargs.get("signature_version") == "unsigned":
+        kwargs["signature_version"] = UNSIGNED
+    return Config(**kwargs)
+
+
+def _merged(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Copies all the way down: botocore rewrites ``retries`` in place, which must not reach the defaults."""
+    merged = copy.deepcopy(dict(defaults))
+    for key, value in overrides.items():
+        if isinstance(merged.get(key), Mapping) and isinstance(value, Mapping):
+            value = _merged(merged[key], value)
+        merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def _environment_client():
