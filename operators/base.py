@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import Asset, BaseOperator, conf
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
 from tfjobs.storage.layout import Layout, run_key
 from tfjobs.spec import PipelineSpec, load_spec
@@ -34,6 +34,9 @@ def use_store_connection(store_uri: str, conn_id: str | None) -> None:
 
     The connection (conn_type ``aws``) holds the credentials and, for MinIO, ``endpoint_url``
     in its extra; tfjobs only ever sees a boto3 client factory, never the credentials.
+    ``config_kwargs`` in its extra are merged over the project's botocore defaults (retries,
+    checksums, timeouts), nested dicts too, the connection's values winning: the hook takes
+    one botocore config, so passing the project's alone would drop the connection's.
     """
     if not store_uri.startswith("s3://"):
         return
@@ -42,7 +45,18 @@ def use_store_connection(store_uri: str, conn_id: str | None) -> None:
     from tfjobs.storage import s3
 
     conn_id = conn_id or conf.get(CONFIG_SECTION, "store_conn_id", fallback=DEFAULT_STORE_CONN_ID)
-    hook = S3Hook(aws_conn_id=conn_id, config=s3.botocore_config())
+    try:
+        extra = S3Hook.get_connection(conn_id).extra_dejson
+    except AirflowNotFoundException:
+        extra = {}  # the hook then uses the AWS credential chain, with no config_kwargs
+    try:
+        config = s3.botocore_config(extra.get("config_kwargs"))
+    except (TypeError, ValueError) as err:
+        raise AirflowFailException(
+            f"Airflow connection {conn_id!r}: config_kwargs in its extra are not botocore Config options ({err}); "
+            "see https://botocore.amazonaws.com/v1/documentation/api/latest/reference/config.html"
+        ) from err
+    hook = S3Hook(aws_conn_id=conn_id, config=config)
     s3.configure(hook.get_conn, source=f"Airflow connection {conn_id!r}")
 
 

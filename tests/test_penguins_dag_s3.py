@@ -72,6 +72,8 @@ def test_s3_run_meets_the_same_quality_bar_and_publishes_a_version(s3_run):
     version = f"{PREFIX}/serving/penguins/1795564800"
     names = {uri[len(version) + 1:] for uri in store_for(version).list(version)}
     assert {"saved_model.pb", "model.keras", "shardline.json", "variables/variables.index"} <= names
+    # Published through a staging prefix and server-side copies, under faults; the staging prefix is gone.
+    assert set(store_for(PREFIX).list(f"{PREFIX}/serving/penguins")) == {f"{version}/{n}" for n in names}
 
 
 def test_credentials_never_reach_logs_or_stored_json(s3_run):

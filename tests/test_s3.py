@@ -1,5 +1,12 @@
 """The S3 object store and the streamed input pipeline, against a real S3 endpoint on loopback."""
 
+import json
+import queue
+import re
+import threading
+import time
+import traceback
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,7 +17,7 @@ from tfjobs.storage import s3
 from tfjobs.fetch import fetch_dataset
 from tfjobs.storage.input_pipeline import ChecksumMismatchError, open_shards, raw_batches
 from tfjobs.shard import shard_dataset
-from tfjobs.storage.store import LocalStore, join, read_json, store_for, write_json
+from tfjobs.storage.store import LocalStore, StagingCleanupError, join, read_json, store_for, write_json
 from tfjobs.validate import validate_dataset
 
 
@@ -68,53 +75,191 @@ def test_objects_round_trip(bucket):
         store.read_bytes(f"{bucket}/t/zzz")
 
 
-def test_publish_dir_puts_markers_last_and_removes_stale_objects(bucket, tmp_path, monkeypatch):
-    store = store_for(bucket)
-    target = f"{bucket}/publish"
+def record_calls(monkeypatch, events):
+    """Record (method, destination URI) for every upload, copy and delete of the S3 store."""
+    for name in ("upload", "copy", "delete"):
+        original = getattr(s3.S3Store, name)
+
+        def recorded(self, *args, _name=name, _original=original, **kwargs):
+            events.append((_name, args[0] if _name == "delete" else args[1]))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(s3.S3Store, name, recorded)
+
+
+def old_version_and_new_files(store, target, tmp_path):
     store.write_bytes(f"{target}/stale", b"old")
     store.write_bytes(f"{target}/saved_model.pb", b"old marker")
     (tmp_path / "variables").mkdir()
     (tmp_path / "variables" / "v").write_bytes(b"v")
     (tmp_path / "saved_model.pb").write_bytes(b"new marker")
+
+
+def test_staged_publish_uploads_beside_the_target_and_copies_in_the_marker_last(bucket, tmp_path, monkeypatch):
+    store = store_for(bucket)
+    target = f"{bucket}/publish/7"
+    old_version_and_new_files(store, target, tmp_path)
     events = []
-    original_upload, original_delete = s3.S3Store.upload, s3.S3Store.delete
-    monkeypatch.setattr(s3.S3Store, "upload", lambda self, p, u: (events.append(("put", u)), original_upload(self, p, u)))
-    monkeypatch.setattr(s3.S3Store, "delete", lambda self, u: (events.append(("del", u)), original_delete(self, u)))
+    record_calls(monkeypatch, events)
     store.publish_dir(tmp_path, target, last=["saved_model.pb"])
+    staging = events[-1][1]
+    assert re.fullmatch(rf"{bucket}/publish/\.staging-7-[0-9a-f]+", staging)
+    assert sorted(events[:2]) == [("upload", f"{staging}/saved_model.pb"), ("upload", f"{staging}/variables/v")]
+    assert events[2:] == [
+        ("delete", f"{target}/saved_model.pb"),
+        ("copy", f"{target}/variables/v"),
+        ("delete", f"{target}/stale"),
+        ("copy", f"{target}/saved_model.pb"),
+        ("delete", staging),
+    ]
+    assert store.list(f"{bucket}/publish") == [f"{target}/saved_model.pb", f"{target}/variables/v"]
+    assert store.read_bytes(f"{target}/saved_model.pb") == b"new marker"
+
+
+def test_unstaged_publish_uploads_in_place_markers_last(bucket, tmp_path, monkeypatch):
+    store = store_for(bucket)
+    target = f"{bucket}/in-place"
+    old_version_and_new_files(store, target, tmp_path)
+    events = []
+    record_calls(monkeypatch, events)
+    store.publish_dir(tmp_path, target, last=["saved_model.pb"], staged=False)
     assert events == [
-        ("del", f"{target}/saved_model.pb"),
-        ("put", f"{target}/variables/v"),
-        ("del", f"{target}/stale"),
-        ("put", f"{target}/saved_model.pb"),
+        ("delete", f"{target}/saved_model.pb"),
+        ("upload", f"{target}/variables/v"),
+        ("delete", f"{target}/stale"),
+        ("upload", f"{target}/saved_model.pb"),
     ]
     assert store.read_bytes(f"{target}/saved_model.pb") == b"new marker"
 
 
-def test_failed_publish_leaves_nothing_that_looks_complete(bucket, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["upload", "copy"])
+def test_failed_publish_leaves_neither_a_partial_version_nor_its_staging_copy(bucket, tmp_path, monkeypatch, failing):
     for name in ("a", "b", "saved_model.pb"):
         (tmp_path / name).write_bytes(name.encode())
-    original_upload = s3.S3Store.upload
+    original = getattr(s3.S3Store, failing)
 
-    def flaky_upload(self, path, uri):
-        if uri.endswith("/b"):
+    def flaky(self, source, destination, **kwargs):
+        if destination.endswith("/b"):
             raise s3.ObjectStoreError("connection reset")
-        original_upload(self, path, uri)
+        original(self, source, destination, **kwargs)
 
-    monkeypatch.setattr(s3.S3Store, "upload", flaky_upload)
-    with pytest.raises(s3.ObjectStoreError):
-        store_for(bucket).publish_dir(tmp_path, f"{bucket}/serving/m/7", last=["saved_model.pb"])
-    assert store_for(bucket).list(f"{bucket}/serving/m/7") == []
+    monkeypatch.setattr(s3.S3Store, failing, flaky)
+    with pytest.raises(s3.ObjectStoreError, match="connection reset"):
+        store_for(bucket).publish_dir(tmp_path, f"{bucket}/failing-{failing}/m/7", last=["saved_model.pb"])
+    assert store_for(bucket).list(f"{bucket}/failing-{failing}") == []
+
+
+def test_files_above_the_multipart_threshold_are_copied_in_parts(endpoint, tmp_path, monkeypatch):
+    operations = []
+    client = endpoint.client()
+    client.meta.events.register("before-call.s3", lambda model, **_: operations.append(model.name))
+    s3.configure(lambda: client, source="the test endpoint")
+    monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 5 << 20)
+    big = np.random.default_rng(0).bytes(12 << 20)
+    (tmp_path / "variables.data").write_bytes(big)
+    (tmp_path / "saved_model.pb").write_bytes(b"marker")
+    target = "s3://shardline/big/1"
+    try:
+        store_for(target).publish_dir(tmp_path, target, last=["saved_model.pb"])
+        assert store_for(target).read_bytes(f"{target}/variables.data") == big
+    finally:
+        s3.configure()
+    assert operations.count("UploadPartCopy") == 2 and operations.count("CopyObject") == 1
+
+
+def tf_serving_versions(listing: list[str], model_uri: str) -> dict[int, set[str]]:
+    """What TF Serving takes for versions in a listing: children whose name parses as an int64."""
+    versions: dict[int, set[str]] = {}
+    for uri in listing:
+        child, _, rest = uri[len(model_uri) + 1 :].partition("/")
+        if re.fullmatch(r"\s*[-+]?\d+\s*", child):
+            versions.setdefault(int(child), set()).add(rest)
+    return versions
+
+
+class PausedCalls:
+    """Holds every call of a wrapped store method until the test releases it."""
+
+    def __init__(self):
+        self.waiting = queue.Queue()
+
+    def wrap(self, method, action):
+        def paused(store, source, destination, **kwargs):
+            release = threading.Event()
+            self.waiting.put((action, destination, release))
+            if not release.wait(120):
+                raise TimeoutError(f"the test never released {action} {destination}")
+            return method(store, source, destination, **kwargs)
+
+        return paused
+
+
+def test_tf_serving_never_sees_an_incomplete_version_while_an_export_uploads(bucket, penguins_pipeline, monkeypatch):
+    """Pause an export at each upload and copy, list the model directory over HTTP each time."""
+    from tfjobs.export import ExportArgs, export_model
+
+    run = penguins_pipeline
+    model_uri = f"{bucket}/paused/serving/penguins"
+    store = store_for(model_uri)
+    store.write_bytes(f"{model_uri}/1/saved_model.pb", b"an older, complete version")
+    calls = PausedCalls()
+    monkeypatch.setattr(s3.S3Store, "upload", calls.wrap(s3.S3Store.upload, "upload"))
+    monkeypatch.setattr(s3.S3Store, "copy", calls.wrap(s3.S3Store.copy, "copy"))
+    outcome = {}
+
+    def export():
+        try:
+            outcome["result"] = export_model(ExportArgs(run.spec, run.train.model_uri, run.adapt.state_uri,
+                                                        run.shard.manifest_uri, run.evaluate.metrics_uri, model_uri,
+                                                        run.export.version))
+        except BaseException as err:
+            outcome["error"] = err
+
+    exporting = threading.Thread(target=export)
+    exporting.start()
+    seen = []  # (action about to run, its destination, TF Serving's view of the model directory)
+    deadline = time.monotonic() + 300
+    while exporting.is_alive() or not calls.waiting.empty():
+        assert time.monotonic() < deadline, "the export did not finish"
+        try:
+            action, destination, release = calls.waiting.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        seen.append((action, destination, tf_serving_versions(store.list(model_uri), model_uri)))
+        release.set()
+    exporting.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+    version = outcome["result"].version
+    complete = tf_serving_versions(store.list(model_uri), model_uri)
+    assert set(complete) == {1, version} and "saved_model.pb" in complete[version]
+    assert {"variables/variables.index", "variables/variables.data-00000-of-00001"} <= complete[version]
+    uploads = [versions for action, _, versions in seen if action == "upload"]
+    copies = [(destination, versions) for action, destination, versions in seen if action == "copy"]
+    for versions in uploads:  # the uploads take the time; meanwhile only complete versions are in sight
+        assert versions == {1: {"saved_model.pb"}}
+    for destination, versions in copies:  # the copies into <version>/ land saved_model.pb last
+        assert "saved_model.pb" not in versions.get(version, set())
+    assert len(uploads) == len(copies) == len(complete[version])
+    assert copies[-1][0].endswith(f"/{version}/saved_model.pb")
+    assert copies[-1][1][version] == complete[version] - {"saved_model.pb"}
 
 
 def test_unknown_bucket_and_wrong_credentials_are_named_without_secrets(endpoint):
+    from botocore.exceptions import ClientError
+
     s3.configure(lambda: endpoint.client(), source="Airflow connection 'shardline_store'")
-    with pytest.raises(s3.ObjectStoreAccessError, match="bucket 'no-such-bucket' does not exist.*'shardline_store'"):
+    with pytest.raises(s3.ObjectStoreAccessError, match="bucket 'no-such-bucket' does not exist "
+                       r"\(S3 answered NoSuchBucket: The specified bucket does not exist; .*'shardline_store'"):
         store_for("s3://no-such-bucket/x").read_bytes("s3://no-such-bucket/x")
     s3.configure(lambda: endpoint.client(secret_key="wrong-secret-123"), source="Airflow connection 'typo'")
-    with pytest.raises(s3.ObjectStoreAccessError, match="denied.*check the credentials in Airflow connection 'typo'") as info:
+    with pytest.raises(s3.ObjectStoreAccessError, match="denied .S3 answered SignatureDoesNotMatch: The request signature "
+                       "we calculated does not match.*check the credentials in Airflow connection 'typo'") as info:
         store_for("s3://shardline/x").write_bytes("s3://shardline/x", b"x")
-    assert endpoint.secret_key not in str(info.value) and "wrong-secret-123" not in str(info.value)
-    assert info.value.__cause__ is None  # no botocore internals chained on
+    assert isinstance(info.value.__cause__, ClientError)  # the botocore error stays attached
+    logged = "".join(traceback.format_exception(info.value))  # what a task log shows: the whole chain
+    assert endpoint.secret_key not in logged and "wrong-secret-123" not in logged
     s3.configure()
 
 
@@ -164,8 +309,6 @@ def test_retries_absorb_throttling_and_dropped_connections(endpoint, bucket, tmp
 
 
 def test_operators_take_credentials_from_the_airflow_connection(endpoint, monkeypatch, tmp_path):
-    import json
-
     from airflow.sdk.exceptions import AirflowFailException
 
     from operators import FetchDatasetOperator
@@ -191,6 +334,112 @@ def test_operators_take_credentials_from_the_airflow_connection(endpoint, monkey
     with pytest.raises(AirflowFailException, match="bucket 'missing-bucket' does not exist"):
         missing.execute(context())
     s3.configure()
+
+
+def test_the_connections_config_kwargs_merge_over_the_project_defaults(endpoint, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from operators.base import use_store_connection
+
+    def connection_with(config_kwargs):
+        conn = json.loads(endpoint.airflow_connection())
+        conn["extra"]["config_kwargs"] = config_kwargs
+        return json.dumps(conn)
+
+    monkeypatch.setenv("AIRFLOW_CONN_PATH_STYLE", connection_with(
+        {"signature_version": "s3v4", "s3": {"addressing_style": "path"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_FEW_RETRIES", connection_with({"retries": {"max_attempts": 2}, "read_timeout": 5}))
+    try:
+        use_store_connection("s3://shardline/x", "path_style")
+        config = s3.client().meta.config
+        assert (config.signature_version, config.s3) == ("s3v4", {"addressing_style": "path"})
+        assert config.retries == {"mode": "standard", "total_max_attempts": s3.MAX_ATTEMPTS + 1}
+        assert (config.connect_timeout, config.read_timeout, config.request_checksum_calculation) == (
+            10, 60, "when_supported")
+        store_for("s3://shardline/x").write_bytes("s3://shardline/x/path-style", b"through the connection")
+
+        use_store_connection("s3://shardline/x", "few_retries")
+        config = s3.client().meta.config
+        assert config.retries == {"mode": "standard", "total_max_attempts": 3}  # the user's attempts, our mode
+        assert (config.connect_timeout, config.read_timeout) == (10, 5)
+
+        monkeypatch.setenv("AIRFLOW_CONN_TYPO", connection_with({"retry": {"max_attempts": 3}}))
+        with pytest.raises(AirflowFailException, match="Airflow connection 'typo': config_kwargs in its extra are not "
+                           "botocore Config options .*'retry'"):
+            use_store_connection("s3://shardline/x", "typo")
+    finally:
+        s3.configure()
+
+
+def refusing_deletes(endpoint, bucket: str, keys: str):
+    """A client of a new bucket whose policy denies s3:DeleteObject on ``keys`` (a pattern)."""
+    client = endpoint.client()
+    client.create_bucket(Bucket=bucket)
+    client.put_bucket_policy(Bucket=bucket, Policy=json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Deny", "Principal": "*", "Action": "s3:DeleteObject", "Resource": f"arn:aws:s3:::{bucket}/{keys}",
+    }]}))
+    return client
+
+
+def test_a_refused_delete_fails_the_step_naming_the_key_and_the_cause(endpoint, tmp_path):
+    """S3 answers DeleteObjects with HTTP 200 and per-key Errors: here a bucket policy denies one key."""
+    client = refusing_deletes(endpoint, "guarded", "raw/*/manifest.json")
+    s3.configure(lambda: client, source="Airflow connection 'guarded_store'")
+    spec = tiny_spec()
+    (tmp_path / "first.csv").write_text("size,colour,batch,kind\n1.0,red,1,a\n")
+    (tmp_path / "second.csv").write_text("size,colour,batch,kind\n2.0,blue,2,b\n")
+    output = "s3://guarded/raw/tiny/2026-11-25"
+    try:
+        fetch_dataset(spec, output, source_uri=str(tmp_path / "first.csv"))
+        with pytest.raises(s3.ObjectStoreAccessError, match=re.escape(
+            f"Cannot delete {output}/manifest.json: S3 refused {output}/manifest.json: AccessDenied: Access Denied; "
+            "the credentials in Airflow connection 'guarded_store' need s3:DeleteObject"
+        )):
+            fetch_dataset(spec, output, source_uri=str(tmp_path / "second.csv"))  # a changed source: manifest out first
+        store = store_for(output)
+        with pytest.raises(s3.ObjectStoreAccessError, match=r"S3 refused s3://guarded/raw/tiny/2026-11-25/manifest"):
+            store.delete("s3://guarded/raw")
+        assert store.list("s3://guarded/raw") == [f"{output}/manifest.json"]  # the rest went
+    finally:
+        s3.configure()
+
+
+def test_a_staging_copy_that_cannot_be_deleted_fails_the_publish_and_says_the_version_is_complete(endpoint, tmp_path):
+    client = refusing_deletes(endpoint, "no-cleanup", "serving/m/.staging-*")
+    s3.configure(lambda: client, source="the test endpoint")
+    (tmp_path / "saved_model.pb").write_bytes(b"marker")
+    try:
+        with pytest.raises(StagingCleanupError, match=r"s3://no-cleanup/serving/m/7 is published and complete, but "
+                           r"its staging copy s3://no-cleanup/serving/m/\.staging-7-\w+ could not be removed: "
+                           r".*AccessDenied"):
+            store_for("s3://no-cleanup").publish_dir(tmp_path, "s3://no-cleanup/serving/m/7", last=["saved_model.pb"])
+        assert store_for("s3://no-cleanup").read_bytes("s3://no-cleanup/serving/m/7/saved_model.pb") == b"marker"
+    finally:
+        s3.configure()
+
+
+def test_keys_that_fail_to_delete_transiently_are_deleted_again(endpoint, bucket, monkeypatch):
+    store = store_for(bucket)
+    for name in ("a", "b", "c"):
+        store.write_bytes(f"{bucket}/flaky-delete/{name}", b"x")
+    client = s3.client()
+    real_delete_objects = client.delete_objects
+    answers = []
+
+    def once_internal_error_for_b(**kwargs):
+        objects = kwargs["Delete"]["Objects"]
+        if not answers and {"Key": "flaky-delete/b"} in objects:
+            kwargs["Delete"]["Objects"] = [o for o in objects if o["Key"] != "flaky-delete/b"]
+            error = {"Key": "flaky-delete/b", "Code": "InternalError", "Message": "We encountered an internal error."}
+            answer = {**real_delete_objects(**kwargs), "Errors": [error]}
+        else:
+            answer = real_delete_objects(**kwargs)
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(client, "delete_objects", once_internal_error_for_b)
+    store.delete(f"{bucket}/flaky-delete")
+    assert store.list(f"{bucket}/flaky-delete") == [] and len(answers) == 2
 
 
 def test_local_store_is_untouched_by_s3_configuration(tmp_path):

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,6 +97,32 @@ def test_export_of_the_same_model_rewrites_nothing(penguins_pipeline):
     again = export_model(args)
     assert (again.version, again.rewritten) == (run.export.version, False)
     assert list(published_versions(run.layout.serving)) == [run.export.version]
+
+
+def another_models_version(serving: Path, version: int) -> None:
+    (serving / str(version)).mkdir(parents=True)
+    (serving / str(version) / "saved_model.pb").write_bytes(b"another model")
+    write_json(str(serving / str(version) / "shardline.json"), {"weights_sha256": "another model", "max_skew": 0.0})
+
+
+def test_a_retrained_older_date_stays_below_newer_dates(penguins_pipeline, tmp_path):
+    """TF Serving serves the highest version: a retrain of 2025-11-25 must not overtake 2025-11-26."""
+    run = penguins_pipeline
+    day, next_day = 1764028800, 1764115200
+    serving = tmp_path / "serving"
+    for version in (day, day + 1, next_day):
+        another_models_version(serving, version)
+
+    def export(serving, version):
+        return export_model(ExportArgs(run.spec, run.train.model_uri, run.adapt.state_uri, run.shard.manifest_uri,
+                                       run.evaluate.metrics_uri, str(serving), version))
+
+    assert export(serving, day).version == day + 2  # the first free second of its own day
+    assert max(published_versions(str(serving))) == next_day
+    last_second, full = next_day - 1, tmp_path / "full"
+    another_models_version(full, last_second)
+    with pytest.raises(RuntimeError, match=f"No free serving version .* from {last_second} to the end of its day"):
+        export(full, last_second)
 
 
 def test_unblessed_model_is_not_exported(penguins_pipeline, tmp_path):

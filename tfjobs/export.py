@@ -17,15 +17,17 @@ Before anything is published, a fresh Python process loads the SavedModel and
 predicts raw test rows, rows with each feature missing or never seen in training,
 and the same rows as CSV text with whitespace and NA-token variants through
 ``serving_raw``; its answers must match the training pipeline's predictions for
-the clean rows (training/serving skew check). The version is then published all
-at once: renamed into place on a local store, ``saved_model.pb`` uploaded last on
-an object store (TF Serving takes ``saved_model.pb`` as the sign that a version is
-complete).
+the clean rows (training/serving skew check). The version is then published:
+renamed into place on a local store; on an object store uploaded under a hidden
+staging prefix and copied into ``<version>/`` on the server, ``saved_model.pb``
+last (TF Serving loads any integer directory it finds, complete or not).
 
 Versions are integers; the caller proposes one (the run's logical date in Unix
 seconds). Published versions are never overwritten: re-exporting the same model
 finds its version and writes nothing; a different model whose proposed version is
-taken gets the next free integer.
+taken gets the next free integer of the same UTC day (proposed + 1, + 2, ...), so a
+retrained old date never overtakes a newer date in TF Serving's "latest" policy.
+When the day has no free second left, the export fails.
 
     python -m tfjobs.export --spec include/penguins.yaml --model <run>/train/training_model.keras \\
         --state <...>/state.json --shards <...>/manifest.json --metrics <run>/evaluate/metrics.json \\
@@ -122,9 +124,17 @@ def export_model(args: ExportArgs) -> ExportResult:
         if store.exists(metadata_uri) and read_json(metadata_uri).get("weights_sha256") == fingerprint:
             log.info("This model is already published as version %d at %s; nothing rewritten", version, uri)
             return ExportResult(version, uri, join(uri, KERAS_FILE), read_json(metadata_uri)["max_skew"], False)
-    version = args.version
-    if version in versions:
-        version = max(versions) + 1
+    # TF Serving serves the highest version: a retrained day takes the next free second of that
+    # UTC day, never max(versions) + 1, so that versions keep the order of the data's dates.
+    next_day = (args.version // 86_400 + 1) * 86_400
+    version = next((v for v in range(args.version, next_day) if v not in versions), None)
+    if version is None:
+        raise RuntimeError(
+            f"No free serving version under {args.serving_uri} from {args.version} to the end of its day "
+            f"({next_day - 1}): every second of it holds another model. Delete versions of that day you no "
+            "longer serve, or propose a version of another day."
+        )
+    if version != args.version:
         log.info("Version %d already holds another model; publishing as version %d", args.version, version)
 
     state = read_json(args.state_uri)

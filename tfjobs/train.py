@@ -152,7 +152,8 @@ def train_model(args: TrainArgs) -> TrainResult:
             # Every worker trains the same replicated model; only the chief's copy is kept.
             log.info("Task %s is not the chief: its outputs in %s are thrown away", task.name, tmp)
             return _result(args.output_uri, summary, rewritten=False)
-        store.publish_dir(tmp, args.output_uri, last=[SUMMARY_FILE])
+        # Readers wait for training.json alone: no staged copy needed (it would double the requests).
+        store.publish_dir(tmp, args.output_uri, last=[SUMMARY_FILE], staged=False)
         log.info("Published the training outputs to %s", args.output_uri)
     return _result(args.output_uri, summary, rewritten=True)
 

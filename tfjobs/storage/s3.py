@@ -7,27 +7,34 @@ URIs are ``s3://bucket/prefix/...``. Credentials and the endpoint come from:
 - otherwise the standard AWS environment and config files (``AWS_ACCESS_KEY_ID``,
   ``AWS_PROFILE``, ``AWS_ENDPOINT_URL``, ...) or the jobs' ``--s3-endpoint-url`` option.
 
-Transfers go through boto3's transfer manager (multipart, concurrent); botocore
-retries throttling and server errors in ``standard`` mode with a generous attempt
-budget; reads ask S3 to verify its checksums (``ChecksumMode=ENABLED``). Errors are
-re-raised as :class:`ObjectStoreError` naming the bucket or the credentials'
-source, never the credentials themselves.
+Transfers go through boto3's transfer manager (multipart, concurrent); copies run
+on the server (``CopyObject``, or ``UploadPartCopy`` parts above the multipart
+threshold); botocore retries throttling and server errors in ``standard`` mode with
+a generous attempt budget; reads ask S3 to verify its checksums
+(``ChecksumMode=ENABLED``). An Airflow connection's ``config_kwargs`` are merged over
+these defaults (:func:`botocore_config`).
+
+Errors are re-raised as :class:`ObjectStoreError` from the botocore error: the
+message has S3's error code and message, the URI, and where the credentials came
+from, never the credentials themselves. ``DeleteObjects`` answers HTTP 200 even when
+some keys were not deleted; those keys are retried when the error is transient and
+reported otherwise.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import logging
 import os
+import random
 import threading
+import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from tfjobs.storage.store import ObjectStore, register_backend
-
-log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 10
 MULTIPART_THRESHOLD = 16 << 20
@@ -43,18 +50,48 @@ class ObjectStoreAccessError(ObjectStoreError, PermissionError):
     """No credentials, wrong credentials, no permission or no such bucket: retrying will not help."""
 
 
-def botocore_config(max_pool_connections: int = 32):
-    """Retries for throttling (503 SlowDown), 5xx and dropped connections; checksums on."""
+#: Retries for throttling (503 SlowDown), 5xx and dropped connections; checksums on.
+BOTOCORE_DEFAULTS: dict[str, Any] = {
+    "retries": {"mode": "standard", "max_attempts": MAX_ATTEMPTS},
+    "max_pool_connections": 32,
+    "connect_timeout": 10,
+    "read_timeout": 60,
+    "request_checksum_calculation": "when_supported",
+    "response_checksum_validation": "when_supported",
+}
+#: Per-key ``DeleteObjects`` errors worth another try.
+TRANSIENT_DELETE_ERRORS = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"})
+ACCESS_ERRORS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"})
+
+
+def botocore_config(config_kwargs: Mapping[str, Any] | None = None):
+    """The project's botocore defaults with ``config_kwargs`` merged over them, key by key.
+
+    ``config_kwargs`` are an Airflow aws connection's (its extra), the keyword
+    arguments of ``botocore.config.Config``. Their values win; nested dicts merge,
+    so ``{"retries": {"max_attempts": 3}}`` keeps ``mode: standard`` and
+    ``{"s3": {"addressing_style": "path"}}`` adds to whatever ``s3`` holds.
+    ``"signature_version": "unsigned"`` means anonymous requests, as in the provider.
+    """
+    from botocore import UNSIGNED
     from botocore.config import Config
 
-    return Config(
-        retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
-        max_pool_connections=max_pool_connections,
-        connect_timeout=10,
-        read_timeout=60,
-        request_checksum_calculation="when_supported",
-        response_checksum_validation="when_supported",
-    )
+    if config_kwargs is not None and not isinstance(config_kwargs, Mapping):
+        raise TypeError(f"config_kwargs must be a JSON object of botocore Config options, got {config_kwargs!r}")
+    kwargs = _merged(BOTOCORE_DEFAULTS, config_kwargs or {})
+    if kwargs.get("signature_version") == "unsigned":
+        kwargs["signature_version"] = UNSIGNED
+    return Config(**kwargs)
+
+
+def _merged(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Copies all the way down: botocore rewrites ``retries`` in place, which must not reach the defaults."""
+    merged = copy.deepcopy(dict(defaults))
+    for key, value in overrides.items():
+        if isinstance(merged.get(key), Mapping) and isinstance(value, Mapping):
+            value = _merged(merged[key], value)
+        merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def _environment_client():
@@ -121,29 +158,46 @@ def _botocore_cause(err: BaseException) -> BaseException:
 
 
 def _explain(err: BaseException, action: str, uri: str) -> ObjectStoreError:
-    """A message a user can act on: which bucket, which credentials, what to fix."""
+    """A message a user can act on: what S3 said, which bucket, which credentials, what to fix.
+
+    Raise it ``from err``: the botocore error stays attached as the cause.
+    """
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
     err = _botocore_cause(err)
-
     bucket = split_uri(uri)[0]
     if isinstance(err, NoCredentialsError):
-        return ObjectStoreAccessError(f"Cannot {action} {uri}: no AWS credentials found in {_source}")
+        return ObjectStoreAccessError(f"Cannot {action} {uri}: no AWS credentials found in {_source} ({err})")
     if isinstance(err, EndpointConnectionError):
-        return ObjectStoreError(f"Cannot {action} {uri}: the S3 endpoint is unreachable ({err.kwargs.get('endpoint_url')})")
+        return ObjectStoreError(f"Cannot {action} {uri}: the S3 endpoint is unreachable ({err}); check the "
+                                f"endpoint in {_source}")
     if isinstance(err, ClientError):
-        code = err.response.get("Error", {}).get("Code", "")
+        error = err.response.get("Error", {})
+        code = error.get("Code") or "an error"
+        answer = f"S3 answered {code}: {error['Message']}" if error.get("Message") else f"S3 answered {code}"
         if code == "NoSuchBucket":
             return ObjectStoreAccessError(
-                f"Cannot {action} {uri}: bucket {bucket!r} does not exist (credentials from {_source})"
+                f"Cannot {action} {uri}: bucket {bucket!r} does not exist ({answer}; credentials from {_source})"
             )
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"):
+        if code in ACCESS_ERRORS:
             return ObjectStoreAccessError(
-                f"Cannot {action} {uri}: access to bucket {bucket!r} denied ({code}); "
+                f"Cannot {action} {uri}: access to bucket {bucket!r} denied ({answer}); "
                 f"check the credentials in {_source}"
             )
-        return ObjectStoreError(f"Cannot {action} {uri}: S3 answered {code or 'an error'} (bucket {bucket!r})")
-    return ObjectStoreError(f"Cannot {action} {uri}: {type(err).__name__}")
+        return ObjectStoreError(f"Cannot {action} {uri}: {answer} (bucket {bucket!r}, credentials from {_source})")
+    return ObjectStoreError(f"Cannot {action} {uri}: {type(err).__name__}: {err} (credentials from {_source})")
+
+
+def _undeleted(errors: list[dict], bucket: str, prefix: str) -> ObjectStoreError:
+    """What ``DeleteObjects`` could not delete, key by key (it answers HTTP 200 all the same)."""
+    shown = "; ".join(f"s3://{bucket}/{e.get('Key')}: {e.get('Code')}: {e.get('Message')}" for e in errors[:5])
+    more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+    if all(e.get("Code") in ACCESS_ERRORS for e in errors):
+        return ObjectStoreAccessError(
+            f"Cannot delete {prefix}: S3 refused {shown}{more}; the credentials in {_source} need "
+            "s3:DeleteObject on these keys (a bucket policy or object lock may deny it)"
+        )
+    return ObjectStoreError(f"Cannot delete {prefix}: S3 did not delete {shown}{more} (credentials from {_source})")
 
 
 def _missing(err: BaseException) -> bool:
@@ -164,7 +218,7 @@ class S3Store(ObjectStore):
         except Exception as err:
             if _missing(err):
                 return False
-            raise _explain(err, "check", uri) from None
+            raise _explain(err, "check", uri) from err
 
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = split_uri(uri)
@@ -172,15 +226,15 @@ class S3Store(ObjectStore):
             return client().get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")["Body"].read()
         except Exception as err:
             if _missing(err):
-                raise FileNotFoundError(f"{uri} does not exist") from None
-            raise _explain(err, "read", uri) from None
+                raise FileNotFoundError(f"{uri} does not exist") from err
+            raise _explain(err, "read", uri) from err
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = split_uri(uri)
         try:
             client().put_object(Bucket=bucket, Key=key, Body=data)
         except Exception as err:
-            raise _explain(err, "write", uri) from None
+            raise _explain(err, "write", uri) from err
 
     def list(self, prefix: str) -> list[str]:
         bucket, key = split_uri(prefix)
@@ -195,25 +249,39 @@ class S3Store(ObjectStore):
         except ObjectStoreError:
             raise
         except Exception as err:
-            raise _explain(err, "list", prefix) from None
+            raise _explain(err, "list", prefix) from err
         return sorted(uris)
 
     def delete(self, prefix: str) -> None:
         bucket, _ = split_uri(prefix)
         keys = [split_uri(u)[1] for u in self.list(prefix)]
-        try:
-            for start in range(0, len(keys), 1000):
-                batch = [{"Key": k} for k in keys[start : start + 1000]]
-                client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-        except Exception as err:
-            raise _explain(err, "delete", prefix) from None
+        for start in range(0, len(keys), 1000):
+            self._delete_keys(bucket, keys[start : start + 1000], prefix)
+
+    def _delete_keys(self, bucket: str, keys: list[str], prefix: str) -> None:
+        """One ``DeleteObjects`` request, then again for the keys that failed transiently."""
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                response = client().delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+                )
+            except Exception as err:
+                raise _explain(err, "delete", prefix) from err
+            errors = response.get("Errors", [])
+            if not errors:
+                return
+            if any(e.get("Code") not in TRANSIENT_DELETE_ERRORS for e in errors):
+                break
+            keys = [e["Key"] for e in errors]
+            time.sleep(random.uniform(0, min(20.0, 0.5 * 2**attempt)))  # botocore's backoff: full jitter
+        raise _undeleted(errors, bucket, prefix)
 
     def upload(self, local_path: str | Path, uri: str) -> None:
         bucket, key = split_uri(uri)
         try:
             client().upload_file(str(local_path), bucket, key, Config=_transfer_config())
         except Exception as err:
-            raise _explain(err, "upload to", uri) from None
+            raise _explain(err, "upload to", uri) from err
 
     def download(self, uri: str, local_path: str | Path) -> None:
         bucket, key = split_uri(uri)
@@ -223,8 +291,8 @@ class S3Store(ObjectStore):
             )
         except Exception as err:
             if _missing(err):
-                raise FileNotFoundError(f"{uri} does not exist") from None
-            raise _explain(err, "download", uri) from None
+                raise FileNotFoundError(f"{uri} does not exist") from err
+            raise _explain(err, "download", uri) from err
 
     def download_sha256(self, uri: str, local_path: str | Path, size: int) -> str:
         """Below the multipart threshold, one streamed GET hashed on the way (no HEAD, no second read)."""
@@ -240,20 +308,24 @@ class S3Store(ObjectStore):
                     digest.update(chunk)
         except Exception as err:
             if _missing(err):
-                raise FileNotFoundError(f"{uri} does not exist") from None
-            raise _explain(err, "download", uri) from None
+                raise FileNotFoundError(f"{uri} does not exist") from err
+            raise _explain(err, "download", uri) from err
         return digest.hexdigest()
 
-    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = ()) -> None:
-        """Upload every file, the markers last; on failure remove what was uploaded."""
+    def copy(self, src_uri: str, dst_uri: str, size: int | None = None) -> None:
+        """A server-side copy: one ``CopyObject`` below the multipart threshold, else ``UploadPartCopy`` parts."""
+        src_bucket, src_key = split_uri(src_uri)
+        bucket, key = split_uri(dst_uri)
+        source = {"Bucket": src_bucket, "Key": src_key}
         try:
-            super().publish_dir(local_dir, uri, last)
-        except Exception:
-            try:
-                self.delete(uri)
-            except Exception:  # the original error matters more than the cleanup's
-                log.warning("Could not remove the partial upload at %s", uri)
-            raise
+            if size is not None and size < MULTIPART_THRESHOLD:
+                client().copy_object(CopySource=source, Bucket=bucket, Key=key)
+            else:
+                client().copy(source, bucket, key, Config=_transfer_config())
+        except Exception as err:
+            if _missing(err):
+                raise FileNotFoundError(f"{src_uri} does not exist") from err
+            raise _explain(err, f"copy {src_uri} to", dst_uri) from err
 
 
 register_backend("s3", S3Store)

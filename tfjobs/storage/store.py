@@ -10,6 +10,12 @@ so the interface is built around moving whole files: jobs write into a local
 staging directory and :meth:`ObjectStore.publish_dir` puts the result on the store;
 they read through :func:`local_copy`.
 
+A directory that appears on the store before it is complete is read by whoever
+watches the parent: TF Serving loads any child whose name is an integer, without
+waiting for ``saved_model.pb``. So ``publish_dir`` uploads under a hidden sibling
+prefix first and only then moves the files into place: a rename on the local
+filesystem, server-side copies on S3.
+
 Completion protocol: a job writes its outputs first and its manifest last; readers
 treat an output without a manifest as absent. A re-run deletes the old manifest
 before it rewrites anything, so a half-written output is never taken for a
@@ -21,17 +27,22 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import urllib.parse
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 _CHUNK = 1 << 20
+PUBLISH_CONCURRENCY = 8
 
 
 class ObjectStore(ABC):
@@ -70,25 +81,73 @@ class ObjectStore(ABC):
         self.download(uri, local_path)
         return sha256_file(local_path)
 
-    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = ()) -> None:
+    @abstractmethod
+    def copy(self, src_uri: str, dst_uri: str, size: int | None = None) -> None:
+        """Copy one object within the store (``size``, when known, saves asking the store)."""
+
+    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = (), *, staged: bool = True) -> None:
         """Make ``uri`` hold exactly a local directory's files, the files named in ``last`` put last.
 
         Files named in ``last`` (relative paths) are the markers readers wait for,
         such as a manifest or TF Serving's ``saved_model.pb``: old markers go first,
         new ones come last, so readers never see a marker over a mix of old and new.
+
+        ``staged`` (the default) uploads everything under a hidden sibling prefix
+        (:func:`staging_uri`) and then copies it into ``uri`` on the store's side,
+        so ``uri`` is being written only while the copies run, not while the files
+        upload. That is what a TF Serving version directory needs. ``staged=False``
+        uploads straight into ``uri``: for outputs whose readers wait for the marker
+        and nothing else, at half the requests.
+
+        On failure ``uri`` is removed (a partial directory must not be taken for a
+        version) and so is the staging prefix.
         """
         local_dir = Path(local_dir)
         files = _files_with_markers(local_dir, last)
+        if not staged:
+            with self._removed_on_failure(uri):
+                self._replace_dir(uri, files, last, lambda rel: self.upload(local_dir / rel, join(uri, rel)))
+            return
+        staging = staging_uri(uri)
+        with self._removed_on_failure(staging):
+            _run_concurrently(lambda rel: self.upload(local_dir / rel, join(staging, rel)), files)
+        with self._removed_on_failure(uri, staging):
+            self._replace_dir(
+                uri, files, last,
+                lambda rel: self.copy(join(staging, rel), join(uri, rel), size=(local_dir / rel).stat().st_size),
+            )
+        try:
+            self.delete(staging)
+        except Exception as err:
+            raise StagingCleanupError(
+                f"{uri} is published and complete, but its staging copy {staging} could not be removed: {err}. "
+                "Readers ignore it (its name is not an integer); delete it once the cause is fixed."
+            ) from err
+
+    def _replace_dir(self, uri: str, files: list[str], last: Sequence[str], put: Callable[[str], None]) -> None:
+        """Old markers out, the other files in (concurrently), stale objects out, the markers in."""
         existing = set(self.list(uri))
-        for marker in last:
-            if join(uri, marker) in existing:
-                self.delete(join(uri, marker))
-        for rel in [f for f in files if f not in last]:
-            self.upload(local_dir / rel, join(uri, rel))
-        for stale in sorted(existing - {join(uri, f) for f in files}):
+        old_markers = {join(uri, marker) for marker in last} & existing
+        for marker in sorted(old_markers):
+            self.delete(marker)
+        _run_concurrently(put, [f for f in files if f not in last])
+        for stale in sorted(existing - old_markers - {join(uri, f) for f in files}):
             self.delete(stale)
         for rel in last:
-            self.upload(local_dir / rel, join(uri, rel))
+            put(rel)
+
+    @contextlib.contextmanager
+    def _removed_on_failure(self, *uris: str) -> Iterator[None]:
+        """Delete ``uris`` if the block fails, and re-raise the block's error (not the cleanup's)."""
+        try:
+            yield
+        except BaseException:
+            for uri in uris:
+                try:
+                    self.delete(uri)
+                except Exception as cleanup:
+                    log.warning("Could not remove %s after a failed publish: %s", uri, cleanup)
+            raise
 
 
 class LocalStore(ObjectStore):
@@ -148,11 +207,14 @@ class LocalStore(ObjectStore):
     def download(self, uri: str, local_path: str | Path) -> None:
         shutil.copyfile(self.path(uri), local_path)
 
-    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = ()) -> None:
-        """Copy into a hidden sibling, then rename into place: all or nothing.
+    def copy(self, src_uri: str, dst_uri: str, size: int | None = None) -> None:
+        self.upload(self.path(src_uri), dst_uri)
+
+    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = (), *, staged: bool = True) -> None:
+        """Copy into a hidden sibling, then rename into place: all or nothing, staged or not.
 
         TF Serving ignores directory names that are not integers, so a version being
-        written under ``.<name>.tmp`` is never loaded half-way.
+        written under ``.<name>.<uuid>.tmp`` is never loaded half-way.
         """
         _files_with_markers(local_dir, last)
         target = self.path(uri)
@@ -162,6 +224,33 @@ class LocalStore(ObjectStore):
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
+
+
+class StagingCleanupError(RuntimeError):
+    """A directory was published, but the staging prefix it was copied from could not be deleted."""
+
+
+def staging_uri(uri: str) -> str:
+    """A fresh sibling of ``uri`` for staging it: ``<parent>/.staging-<name>-<uuid>``.
+
+    The name starts with a dot and is not a number, so TF Serving (which takes any
+    child that parses as an int64 for a version) and ``published_versions`` skip it.
+    """
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return f"{parent}/.staging-{name}-{uuid.uuid4().hex[:16]}"
+
+
+def _run_concurrently(action: Callable[[str], None], items: Iterable[str]) -> None:
+    """``action`` on every item, a few at a time; the first error is raised once none is running."""
+    with ThreadPoolExecutor(max_workers=PUBLISH_CONCURRENCY, thread_name_prefix="shardline-publish") as pool:
+        futures = [pool.submit(action, item) for item in items]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _files_with_markers(local_dir: str | Path, last: Sequence[str]) -> list[str]:
