@@ -4,7 +4,7 @@ import pytest
 
 from conftest import loopback_http, tiny_spec
 from tfjobs.deadlines import utc_now, utc_text
-from tfjobs.fetch import DeliveryPending, SourceNotFoundError, fetch_dataset, fetch_when_delivered
+from tfjobs.fetch import DeliveryPending, SourceAuth, SourceNotFoundError, fetch_dataset, fetch_when_delivered
 from tfjobs.spec import SourceSpec
 from tfjobs.storage.store import read_json, store_for
 
@@ -38,15 +38,51 @@ def test_csv_from_a_path_or_file_uri(tmp_path, store, as_uri):
     assert store_for(result.data_uri).read_bytes(result.data_uri) == CSV.encode()
 
 
-def test_csv_over_http_without_credentials_in_the_manifest(store):
+def test_csv_over_http_without_the_query_in_the_manifest(store):
     with loopback_http() as server:
         server.files["/data.csv"] = CSV.encode()
-        source = server.url("/data.csv?k=1").replace("://", "://user:pw@")
-        result = fetch_dataset(tiny_spec(), f"{store}/raw", source_uri=source)
+        result = fetch_dataset(tiny_spec(), f"{store}/raw", source_uri=server.url("/data.csv?k=1"))
         assert result.rows == 2
         assert read_json(result.manifest_uri)["source"] == server.url("/data.csv")
         with pytest.raises(OSError, match=f"Could not download {server.url('/missing.csv')}"):
             fetch_dataset(tiny_spec(), f"{store}/raw2", source_uri=server.url("/missing.csv"))
+
+
+def test_credentials_in_a_uri_are_refused_before_any_request(store):
+    with loopback_http() as server:
+        server.files["/data.csv"] = CSV.encode()
+        uri = server.url("/data.csv").replace("://", "://user:s3cret@")
+        for source in (uri, uri.replace("data.csv", "{partition}.csv")):
+            with pytest.raises(ValueError, match="carries credentials.*HTTP connection.*source_conn_id") as refused:
+                fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-25", source_uri=source)
+            assert "s3cret" not in str(refused.value)
+        assert server.requests == []
+
+
+def test_credentials_follow_a_redirect_on_their_origin_only(store):
+    """A server on port A redirects to itself and to a server on port B: only A sees the Authorization header."""
+    with loopback_http() as a, loopback_http() as b:
+        a.files["/data.csv"] = b.files["/data.csv"] = CSV.encode()
+        a.redirects["/same"] = a.url("/data.csv")
+        a.redirects["/elsewhere"] = b.url("/data.csv")
+        auth = SourceAuth.basic(a.url("/"), "user", "s3cret")
+        expected = auth.headers["Authorization"]
+        for path in ("/same", "/elsewhere"):
+            assert fetch_dataset(tiny_spec(), f"{store}/raw{path}", source_uri=a.url(path), auth=auth).rows == 2
+        assert [(m, p, h.get("Authorization")) for m, p, h in a.requests] == [
+            ("GET", "/same", expected), ("GET", "/data.csv", expected), ("GET", "/elsewhere", expected),
+        ]
+        assert [(m, p, h.get("Authorization")) for m, p, h in b.requests] == [("GET", "/data.csv", None)]
+        assert "s3cret" not in repr(auth)
+
+
+def test_credentials_are_for_their_origin_and_http_only(store, tmp_path):
+    (tmp_path / "in.csv").write_text(CSV)
+    auth = SourceAuth.basic("https://landing.example.com", "user", "s3cret")
+    with pytest.raises(ValueError, match="not at https://landing.example.com:443, the only origin"):
+        fetch_dataset(tiny_spec(), f"{store}/raw", source_uri="https://elsewhere.example.com/x.csv", auth=auth)
+    with pytest.raises(ValueError, match="not http"):
+        fetch_dataset(tiny_spec(), f"{store}/raw", source_uri=str(tmp_path / "in.csv"), auth=auth)
 
 
 def test_sklearn_bundled_dataset(store):
@@ -126,15 +162,16 @@ def test_the_command_line_waits_for_a_late_delivery_in_process(tmp_path, store):
     assert result.rows == 2 and len(waits) == 1 and 29 < waits[0] <= 30
 
 
-def test_an_http_delivery_is_poked_with_head_requests(store):
+def test_an_http_delivery_is_poked_with_head_requests_through_redirects(store):
     with loopback_http() as server:
         source = server.url("/landing/{partition}.csv")
+        server.redirects["/landing/2026-11-25.csv"] = server.url("/files/2026-11-25.csv")
         deadline = utc_text(utc_now() + dt.timedelta(hours=1))
         with pytest.raises(DeliveryPending):
             fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-25", source_uri=source, deadline=deadline)
-        server.files["/landing/2026-11-25.csv"] = CSV.encode()
+        server.files["/files/2026-11-25.csv"] = CSV.encode()
         assert fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-25", source_uri=source).rows == 2
-        assert [m for m, _, _ in server.requests] == ["HEAD", "HEAD", "GET"]
+        assert [m for m, _, _ in server.requests] == ["HEAD", "HEAD", "HEAD", "HEAD", "GET", "GET"]
 
 
 def test_empty_csv_is_an_error(tmp_path, store):

@@ -20,6 +20,10 @@ file raises :class:`DeliveryPending`, which says when to look again; after it,
 exists (the object store's ``exists``, an HTTP ``HEAD``); the command line waits in
 process, Airflow's fetch operator gives its worker slot back between looks.
 
+Credentials never travel in a URI (they would end up in the run's configuration and
+logs): a URI with ``user:password@`` is refused. HTTP credentials come as a
+:class:`SourceAuth`, bound to one origin; a redirect to another origin drops them.
+
     python -m tfjobs.fetch --spec include/penguins.yaml --output .demo/store/raw/penguins/2026-11-25
 """
 
@@ -30,13 +34,14 @@ import base64
 import csv
 import datetime as dt
 import logging
+import os
 import shutil
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tfjobs import cli
@@ -70,6 +75,26 @@ class DeliveryPending(Exception):
 
 
 @dataclass(frozen=True)
+class SourceAuth:
+    """HTTP headers that authenticate to the source (e.g. Basic auth), sent to ``origin`` only.
+
+    A source at another origin is refused, and a redirect to another origin drops
+    them. ``origin`` is ``scheme://host:port``; the headers never show in a repr.
+    """
+
+    origin: str
+    headers: Mapping[str, str] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "origin", origin_of(self.origin))
+
+    @classmethod
+    def basic(cls, origin: str, user: str, password: str) -> SourceAuth:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return cls(origin, {"Authorization": f"Basic {token}"})
+
+
+@dataclass(frozen=True)
 class FetchResult:
     data_uri: str
     manifest_uri: str
@@ -87,6 +112,7 @@ def fetch_dataset(
     *,
     deadline: str = "",
     poke_interval: str = "",
+    auth: SourceAuth | None = None,
 ) -> FetchResult:
     """Fetch the spec's source (or ``source_uri``, a CSV) into ``output_uri``.
 
@@ -96,12 +122,16 @@ def fetch_dataset(
     the spec's ``source.deadline``), then :class:`SourceNotFoundError`.
     """
     source = source_for(spec, source_uri)
+    location = source_location(source)
+    _refuse_credentials_in(location)
+    if auth is not None:
+        _check_auth_origin(auth, location)
     with staging_dir() as tmp:
         local = tmp / DATA_FILE
         if source.kind == "landing":
-            description = _fetch_delivery(source, partition, local, deadline, poke_interval)
+            description = _fetch_delivery(source, partition, local, deadline, poke_interval, auth)
         else:
-            description = _fetch_source(source, local)
+            description = _fetch_source(source, local, auth)
         digest = sha256_file(local)
         manifest_uri = join(output_uri, MANIFEST)
         previous = read_json_if_exists(manifest_uri)
@@ -135,13 +165,14 @@ def fetch_when_delivered(
     *,
     deadline: str = "",
     poke_interval: str = "",
+    auth: SourceAuth | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> FetchResult:
     """:func:`fetch_dataset`, waiting in this process for a late delivery until its deadline."""
     while True:
         try:
             return fetch_dataset(spec, output_uri, partition, source_uri,
-                                 deadline=deadline, poke_interval=poke_interval)
+                                 deadline=deadline, poke_interval=poke_interval, auth=auth)
         except DeliveryPending as pending:
             log.info("%s", pending)
             sleep(max(0.0, (pending.next_poke - utc_now()).total_seconds()))
@@ -174,16 +205,24 @@ def delivery_uri(source: SourceSpec, partition: str) -> str:
     return source_location(source).replace("{partition}", partition)
 
 
-def delivery_exists(uri: str) -> bool:
+def delivery_exists(uri: str, auth: SourceAuth | None = None) -> bool:
     """Whether the file is there, without reading it: the store's ``exists``, or an HTTP ``HEAD``."""
     if urllib.parse.urlsplit(uri).scheme in ("http", "https"):
-        return _http_exists(uri)
+        return _http_exists(uri, auth)
     return store_for(uri).exists(uri)
 
 
-def _fetch_delivery(source: SourceSpec, partition: str, target: Path, deadline: str, poke_interval: str) -> str:
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of a URL, with the scheme's default port filled in."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{parts.hostname or ''}:{port}"
+
+
+def _fetch_delivery(source: SourceSpec, partition: str, target: Path, deadline: str, poke_interval: str,
+                    auth: SourceAuth | None) -> str:
     uri = delivery_uri(source, partition)
-    if not delivery_exists(uri):
+    if not delivery_exists(uri, auth):
         due = partition_deadline(partition, deadline or source.deadline)
         now = utc_now()
         if now >= due:
@@ -195,7 +234,7 @@ def _fetch_delivery(source: SourceSpec, partition: str, target: Path, deadline: 
         next_poke = min(now + parse_duration(poke_interval or source.poke_interval), due)
         raise DeliveryPending(partition, redact(uri), due, next_poke)
     try:
-        return _copy_uri(uri, target)
+        return _copy_uri(uri, target, auth)
     except FileNotFoundError:
         raise SourceNotFoundError(f"The delivery for {partition} went away while it was read: {redact(uri)}") from None
 
@@ -211,7 +250,7 @@ def _result(output_uri: str, manifest: dict, rewritten: bool) -> FetchResult:
     )
 
 
-def _fetch_source(source: SourceSpec, target: Path) -> str:
+def _fetch_source(source: SourceSpec, target: Path, auth: SourceAuth | None) -> str:
     """Write the source's CSV bytes to ``target``; return a credential-free description."""
     if source.kind == "palmerpenguins":
         import palmerpenguins
@@ -222,14 +261,13 @@ def _fetch_source(source: SourceSpec, target: Path) -> str:
         return _fetch_sklearn(source.name, target)
     if source.kind == "tfds":
         return _fetch_tfds(source, target)
-    return _copy_uri(source.uri, target)
+    return _copy_uri(source.uri, target, auth)
 
 
-def _copy_uri(uri: str, target: Path) -> str:
+def _copy_uri(uri: str, target: Path, auth: SourceAuth | None) -> str:
     if urllib.parse.urlsplit(uri).scheme in ("http", "https"):
         try:
-            with urllib.request.urlopen(_http_request(uri), timeout=HTTP_TIMEOUT_S) as response, \
-                    open(target, "wb") as out:
+            with _open_http(uri, auth) as response, open(target, "wb") as out:
                 shutil.copyfileobj(response, out)
         except OSError as err:  # URLError and HTTPError are OSErrors
             raise OSError(f"Could not download {redact(uri)}: {err}") from None
@@ -239,28 +277,70 @@ def _copy_uri(uri: str, target: Path) -> str:
     return redact(uri)
 
 
-def _http_request(uri: str, method: str = "GET", headers: Mapping[str, str] | None = None) -> urllib.request.Request:
-    """A request for ``uri``; user and password in the URI become a Basic auth header."""
-    parsed = urllib.parse.urlsplit(uri)
-    headers = {"User-Agent": "shardline", **(headers or {})}
-    if parsed.username is not None:
-        credentials = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
-        parsed = parsed._replace(netloc=parsed.netloc.rpartition("@")[2])
-    return urllib.request.Request(urllib.parse.urlunsplit(parsed), method=method, headers=headers)
+def _refuse_credentials_in(uri: str) -> None:
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme and "@" in parts.netloc:
+        raise ValueError(
+            f"The source URI {redact(uri)} carries credentials (user:password@): they would be stored with the run "
+            "and shown in its logs. Take them out of the URI and give them separately: under Airflow, the id of an "
+            "HTTP connection that holds them as source_conn_id; on the command line, --basic-auth-env."
+        )
 
 
-def _http_exists(uri: str) -> bool:
+def _check_auth_origin(auth: SourceAuth, location: str) -> None:
+    if urllib.parse.urlsplit(location).scheme not in ("http", "https"):
+        raise ValueError(f"HTTP credentials were given for a source that is not http(s): {redact(location) or 'the spec'}")
+    if origin_of(location) != auth.origin:
+        raise ValueError(
+            f"The source {redact(location)} is not at {auth.origin}, the only origin its credentials are for; "
+            "point the source there, or use credentials (a connection) for its own server."
+        )
+
+
+class _CredentialsStayWithTheirOrigin(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, dropping the credential headers on the way to another origin (a HEAD stays a HEAD).
+
+    urllib's own handler copies every header to wherever the server redirects.
+    """
+
+    def __init__(self, credential_headers: Iterable[str]) -> None:
+        # Request.add_header stores names capitalized ("X-api-key"); remove_header needs them so.
+        self.credential_headers = {"Authorization", *(name.capitalize() for name in credential_headers)}
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        redirected = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if redirected is None:
+            return None
+        if origin_of(redirected.full_url) != origin_of(req.full_url):
+            for name in self.credential_headers:
+                redirected.remove_header(name)
+        if req.get_method() == "HEAD":
+            redirected.method = "HEAD"
+        return redirected
+
+
+def _open_http(uri: str, auth: SourceAuth | None, method: str = "GET", headers: Mapping[str, str] | None = None):
+    request = urllib.request.Request(uri, method=method, headers={"User-Agent": "shardline", **(headers or {})})
+    credentials = auth.headers if auth is not None and origin_of(uri) == auth.origin else {}
+    for name, value in credentials.items():
+        request.add_header(name, value)
+    opener = urllib.request.build_opener(_CredentialsStayWithTheirOrigin(credentials))
+    return opener.open(request, timeout=HTTP_TIMEOUT_S)
+
+
+def _http_exists(uri: str, auth: SourceAuth | None) -> bool:
     """``HEAD``; a server that does not do ``HEAD`` gets a ``GET`` of the first byte."""
     for method, headers in (("HEAD", None), ("GET", {"Range": "bytes=0-0"})):
         try:
-            with urllib.request.urlopen(_http_request(uri, method, headers), timeout=HTTP_TIMEOUT_S):
+            with _open_http(uri, auth, method, headers):
                 return True
         except urllib.error.HTTPError as err:
             if err.code in (404, 410):
                 return False
             if err.code in (401, 403):
-                raise PermissionError(f"{redact(uri)} answered HTTP {err.code} {err.reason}") from None
+                raise PermissionError(
+                    f"{redact(uri)} answered HTTP {err.code} {err.reason}: check the source's credentials"
+                ) from None
             if err.code not in (405, 501):
                 raise OSError(f"Could not check {redact(uri)}: HTTP {err.code} {err.reason}") from None
         except OSError as err:
@@ -325,9 +405,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="wait for a late delivery until this long after the end of the partition's day (6h) "
                         "or until this UTC time (2026-11-26T06:00:00Z); default: the spec's source.deadline")
     parser.add_argument("--poke-interval", default="", help="how often to look for it meanwhile (default: the spec's)")
+    parser.add_argument("--basic-auth-env", default="", metavar="NAME",
+                        help="environment variable holding user:password for HTTP Basic auth to the source")
     args = cli.parse(parser, argv)
-    result = fetch_when_delivered(load_spec(args.spec), args.output, args.partition, args.source,
-                                  deadline=args.deadline, poke_interval=args.poke_interval)
+    spec = load_spec(args.spec)
+    auth = None
+    if args.basic_auth_env:
+        user, _, password = os.environ[args.basic_auth_env].partition(":")
+        auth = SourceAuth.basic(origin_of(source_location(source_for(spec, args.source))), user, password)
+    result = fetch_when_delivered(spec, args.output, args.partition, args.source,
+                                  deadline=args.deadline, poke_interval=args.poke_interval, auth=auth)
     cli.print_result(result)
 
 
