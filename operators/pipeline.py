@@ -22,7 +22,13 @@ def training_pipeline() -> list[BaseOperator]:
     """
     tasks = [
         # `or ''`: the form sends null for an empty optional field.
-        FetchDatasetOperator(task_id="fetch", source_uri="{{ params.source_uri or '' }}"),
+        FetchDatasetOperator(
+            task_id="fetch",
+            source_uri="{{ params.source_uri or '' }}",
+            source_conn_id="{{ params.source_conn_id or '' }}",
+            deadline="{{ params.delivery_deadline or '' }}",
+            poke_interval="{{ params.delivery_poke_interval or '' }}",
+        ),
         ValidateDatasetOperator(task_id="validate"),
         ShardToTFRecordOperator(task_id="shard"),
         AdaptPreprocessingOperator(task_id="adapt"),
