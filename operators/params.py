@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param
 
+from operators.train import DEFAULT_EPOCH_TIMEOUT
 from tfjobs import choices
 from tfjobs.deadlines import DURATION_PATTERN, UTC_TIME_PATTERN
 from tfjobs.spec import PipelineSpec
@@ -51,6 +52,11 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
             training.loop, type="string", enum=sorted(choices.TRAINING_LOOPS),
             values_display=dict(choices.TRAINING_LOOPS),
             title="Training loop", description="Keras fit() or Shardline's custom GradientTape loop.",
+        ),
+        "epoch_timeout": Param(
+            DEFAULT_EPOCH_TIMEOUT, type="string", pattern=f"^{DURATION_PATTERN}$", title="Epoch time limit",
+            description="The most one epoch may take (90s, 10m, 1h): training is stopped after 30 minutes plus "
+            "the epochs times this, so that a run of many epochs cannot hold the GPU queue indefinitely.",
         ),
         # "null" too: the UI form requires every field whose type cannot be null, so "" would block Trigger.
         "source_uri": Param(

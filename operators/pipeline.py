@@ -37,6 +37,7 @@ def training_pipeline() -> list[BaseOperator]:
             hyperparameters=HYPERPARAMETERS,
             model_kind="{{ params.model }}",
             force="{{ params.force_retrain }}",
+            epoch_timeout="{{ params.epoch_timeout }}",
         ),
         EvaluateModelOperator(task_id="evaluate"),
         ExportServingModelOperator(task_id="export"),

@@ -99,9 +99,12 @@ def test_the_form_refuses_credentials_in_the_source_and_takes_a_delivery_deadlin
     for bad in ("6 hours", "tomorrow"):
         with pytest.raises(ParamValidationError):
             params.get_param("delivery_deadline").resolve(bad)
+    with pytest.raises(ParamValidationError):
+        params.get_param("epoch_timeout").resolve("")
     assert (fetch.source_conn_id, fetch.deadline, fetch.poke_interval) == (
         "{{ params.source_conn_id or '' }}", "{{ params.delivery_deadline or '' }}",
         "{{ params.delivery_poke_interval or '' }}")
+    assert dag.get_task("train").epoch_timeout == "{{ params.epoch_timeout }}"
 
 
 def test_penguins_form_offers_only_classification_losses():

@@ -9,13 +9,16 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from airflow.sdk import Asset
+from airflow.sdk import DAG, Asset
 from airflow.sdk.exceptions import AirflowFailException, AirflowRescheduleException
 
 from conftest import ROOT, loopback_http
-from operators import FetchDatasetOperator, ShardToTFRecordOperator, ValidateDatasetOperator
+from operators import FetchDatasetOperator, ShardToTFRecordOperator, TrainModelOperator, ValidateDatasetOperator
 from operators.base import ShardlineOperator
+from operators.params import training_params
+from operators.pipeline import training_pipeline
 from tfjobs.deadlines import utc_now, utc_text
+from tfjobs.spec import load_spec
 
 SPEC = ROOT / "include" / "penguins.yaml"
 LOGICAL = datetime.datetime(2026, 11, 25, tzinfo=datetime.timezone.utc)
@@ -182,3 +185,29 @@ def test_credentials_in_source_uri_are_refused_pointing_to_a_connection(tmp_path
         with pytest.raises(AirflowFailException, match="carries credentials.*HTTP connection.*source_conn_id") as err:
             landing_fetch(tmp_path, source).execute(context())
         assert "s3cret" not in str(err.value) and server.requests == []
+
+
+def test_every_step_has_a_time_limit_and_trainings_grows_with_the_epochs():
+    with DAG("limits", schedule=None, params=training_params(load_spec(SPEC)), default_args={"spec": SPEC}) as dag:
+        training_pipeline()
+    assert all(task.execution_timeout == datetime.timedelta(hours=1) for task in dag.tasks if task.task_id != "train")
+    train = dag.get_task("train")
+    assert train.execution_timeout is None  # until the epochs are known
+    train.render_template_fields({"params": {**dag.params.dump(), "epochs": 10_000, "epoch_timeout": "1m"},
+                                  "dag_run": context()["dag_run"]})
+    assert train.execution_timeout == datetime.timedelta(minutes=30 + 10_000)
+    # Without the Param: the spec's 60 epochs, 10 minutes each.
+    spec_default = TrainModelOperator(task_id="train", spec=SPEC, partition="2026-11-25")
+    spec_default.render_template_fields({})
+    assert spec_default.execution_timeout == datetime.timedelta(minutes=30 + 60 * 10)
+    with pytest.raises(AirflowFailException, match="epoch_timeout 'ten minutes'"):
+        TrainModelOperator(task_id="train", spec=SPEC, partition="x", epoch_timeout="ten minutes").render_template_fields({})
+
+
+def test_a_time_limit_set_on_the_task_or_the_dag_wins():
+    hour = datetime.timedelta(hours=1)
+    with DAG("limits", schedule=None, default_args={"spec": SPEC, "execution_timeout": 2 * hour}):
+        train = TrainModelOperator(task_id="train", partition="2026-11-25")
+        fetch = FetchDatasetOperator(task_id="fetch", execution_timeout=3 * hour)
+    train.render_template_fields({})
+    assert (train.execution_timeout, fetch.execution_timeout) == (2 * hour, 3 * hour)
