@@ -6,7 +6,8 @@ subclassed residual, wide & deep or reconstructing model), the loss (MSE or
 Huber) and the training loop (``fit()`` or the custom GradientTape loop that
 trains a wide & deep model's two parts with two optimizers). Each run fetches
 the partition of its logical date: the spec's CSV, another CSV (``source_uri``),
-or that day's delivery under a landing prefix (``source_uri`` with ``{partition}``).
+or that day's delivery under a landing prefix (``source_uri`` with ``{partition}``),
+waited for until its deadline (``delivery_deadline``; 6 hours after the day ends).
 """
 
 from pathlib import Path

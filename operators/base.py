@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import functools
 import os
 from collections.abc import Sequence
@@ -80,11 +81,17 @@ class ShardlineOperator(BaseOperator):
     :param partition: the data partition, by default the run's logical date (templated).
     :param store_conn_id: the Airflow connection (conn_type ``aws``) for an ``s3://`` store.
         Defaults to ``[shardline] store_conn_id``, else ``shardline_store``.
+
+    Every step has an ``execution_timeout`` (Airflow stops a try that runs longer):
+    ``default_execution_timeout`` unless the task or the DAG's ``default_args`` set one.
     """
 
     template_fields: Sequence[str] = ("store_uri", "partition", "store_conn_id")
     #: The layout property this operator writes, declared as an Airflow Asset (None: no asset).
     output_stage: str | None = None
+    #: How long one try of the step may run. An hour is ample for this project's data (the
+    #: whole housing pipeline runs in about a minute); a hung read or upload is stopped.
+    default_execution_timeout: datetime.timedelta | None = datetime.timedelta(hours=1)
     ui_color = "#fde9c8"
 
     def __init__(
@@ -94,11 +101,13 @@ class ShardlineOperator(BaseOperator):
         store_uri: str | None = None,
         partition: str = PARTITION_TEMPLATE,
         store_conn_id: str | None = None,
+        execution_timeout: datetime.timedelta | None = None,
         **kwargs: Any,
     ) -> None:
         if self.output_stage and "outlets" not in kwargs:
             kwargs["outlets"] = self._stage_assets(spec, store_uri)
-        super().__init__(**kwargs)
+        # A parameter of this __init__, so that Airflow fills it from the DAG's default_args first.
+        super().__init__(execution_timeout=execution_timeout or self.default_execution_timeout, **kwargs)
         self.spec = str(spec)
         self.store_uri = store_uri
         self.partition = partition

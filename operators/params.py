@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from airflow.sdk import Param
 
+from operators.train import DEFAULT_EPOCH_TIMEOUT
 from tfjobs import choices
+from tfjobs.deadlines import DURATION_PATTERN, UTC_TIME_PATTERN
 from tfjobs.spec import PipelineSpec
 
 #: Params that override the spec's training settings, passed to TrainModelOperator.
 HYPERPARAMETER_NAMES = ("epochs", "batch_size", "learning_rate", "early_stopping_patience", "loss", "loop")
 HYPERPARAMETERS = {name: "{{ params.%s }}" % name for name in HYPERPARAMETER_NAMES}
+
+# A URI with user information (scheme://user:password@host) would keep its password in the run's conf.
+URI_WITHOUT_CREDENTIALS = r"^(?![A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@)"
 
 
 def training_params(spec: PipelineSpec) -> dict[str, Param]:
@@ -48,12 +53,35 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
             values_display=dict(choices.TRAINING_LOOPS),
             title="Training loop", description="Keras fit() or Shardline's custom GradientTape loop.",
         ),
+        "epoch_timeout": Param(
+            DEFAULT_EPOCH_TIMEOUT, type="string", pattern=f"^{DURATION_PATTERN}$", title="Epoch time limit",
+            description="The most one epoch may take (90s, 10m, 1h): training is stopped after 30 minutes plus "
+            "the epochs times this, so that a run of many epochs cannot hold the GPU queue indefinitely.",
+        ),
         # "null" too: the UI form requires every field whose type cannot be null, so "" would block Trigger.
         "source_uri": Param(
-            "", type=["null", "string"], title="Source CSV",
+            "", type=["null", "string"], pattern=URI_WITHOUT_CREDENTIALS, title="Source CSV",
             description="Fetch this CSV (path, file://, http(s)://, s3://) instead of the spec's source; "
             "empty for the spec's. {partition} in it becomes the run's date, to read one delivery per day "
-            "from a landing prefix: s3://landing/housing/{partition}.csv.",
+            "from a landing prefix: s3://landing/housing/{partition}.csv; the fetch waits for a late delivery "
+            "until its deadline. No user:password@ in it: name an HTTP connection in Source connection.",
+        ),
+        "source_conn_id": Param(
+            "", type=["null", "string"], title="Source connection",
+            description="The id of an Airflow HTTP connection whose login and password authenticate to an "
+            "http(s) Source CSV (Basic auth). Its host must be the source's: credentials go nowhere else.",
+        ),
+        "delivery_deadline": Param(
+            "", type=["null", "string"], pattern=f"^$|^{DURATION_PATTERN}$|^{UTC_TIME_PATTERN}$",
+            title="Delivery deadline",
+            description="How long after the end of the run's day (UTC) its delivery may come (6h, 90m), or until "
+            "when (2026-11-26T06:00:00Z). The fetch looks for a missing delivery until then, without holding a "
+            "worker, and then fails. Empty for the spec's source.deadline (6h unless the spec says otherwise).",
+        ),
+        "delivery_poke_interval": Param(
+            "", type=["null", "string"], pattern=f"^$|^{DURATION_PATTERN}$", title="Delivery poke interval",
+            description="How often to look for a delivery that is not there yet (30s, 5m). Empty for the spec's "
+            "source.poke_interval (5m unless the spec says otherwise).",
         ),
         "force_retrain": Param(
             False, type="boolean", title="Retrain",

@@ -22,7 +22,13 @@ def training_pipeline() -> list[BaseOperator]:
     """
     tasks = [
         # `or ''`: the form sends null for an empty optional field.
-        FetchDatasetOperator(task_id="fetch", source_uri="{{ params.source_uri or '' }}"),
+        FetchDatasetOperator(
+            task_id="fetch",
+            source_uri="{{ params.source_uri or '' }}",
+            source_conn_id="{{ params.source_conn_id or '' }}",
+            deadline="{{ params.delivery_deadline or '' }}",
+            poke_interval="{{ params.delivery_poke_interval or '' }}",
+        ),
         ValidateDatasetOperator(task_id="validate"),
         ShardToTFRecordOperator(task_id="shard"),
         AdaptPreprocessingOperator(task_id="adapt"),
@@ -31,6 +37,7 @@ def training_pipeline() -> list[BaseOperator]:
             hyperparameters=HYPERPARAMETERS,
             model_kind="{{ params.model }}",
             force="{{ params.force_retrain }}",
+            epoch_timeout="{{ params.epoch_timeout }}",
         ),
         EvaluateModelOperator(task_id="evaluate"),
         ExportServingModelOperator(task_id="export"),

@@ -1,13 +1,20 @@
 from __future__ import annotations
 
+import datetime
 from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import conf
+from airflow.sdk.exceptions import AirflowFailException
 
 from operators.base import CONFIG_SECTION, ShardlineOperator
 from operators.links import StoreLink
+from tfjobs.deadlines import parse_duration
 from tfjobs.storage.store import join
+
+#: Training's time limit is this (reading shards, building and saving the model) plus epochs x epoch_timeout.
+TRAINING_SETUP_TIMEOUT = datetime.timedelta(minutes=30)
+DEFAULT_EPOCH_TIMEOUT = "10m"
 
 
 def gpu_queue() -> str:
@@ -24,9 +31,16 @@ class TrainModelOperator(ShardlineOperator):
     :param force: retrain even if a model of the same inputs and settings exists (templated).
     :param queue: the Celery queue to run on; by default ``[shardline] gpu_queue`` ("gpu"), which
         GPU workers serve. Set it per task, or per DAG in ``default_args``, to train elsewhere.
+    :param epoch_timeout: the most one epoch may take, e.g. ``"10m"`` (templated). Unless the task
+        or the DAG sets an ``execution_timeout``, training is stopped after 30 minutes plus the
+        epochs to run times this, so that a run of many epochs cannot hold the GPU queue forever.
     """
 
-    template_fields: Sequence[str] = (*ShardlineOperator.template_fields, "hyperparameters", "model_kind", "force")
+    template_fields: Sequence[str] = (
+        *ShardlineOperator.template_fields, "hyperparameters", "model_kind", "force", "epoch_timeout",
+    )
+    # Derived from the epochs once the Params are rendered (training_timeout).
+    default_execution_timeout = None
     template_fields_renderers = {"hyperparameters": "json"}
     output_stage = "runs"
     ui_color = "#f9c784"
@@ -39,12 +53,30 @@ class TrainModelOperator(ShardlineOperator):
         model_kind: str = "",
         force: bool | str = False,
         queue: str | None = None,
+        epoch_timeout: str = DEFAULT_EPOCH_TIMEOUT,
         **kwargs,
     ) -> None:
         super().__init__(queue=queue or gpu_queue(), **kwargs)
+        self.derives_execution_timeout = self.execution_timeout is None
         self.hyperparameters = hyperparameters or {}
         self.model_kind = model_kind
         self.force = force
+        self.epoch_timeout = epoch_timeout
+
+    def render_template_fields(self, context, jinja_env=None) -> None:
+        # The epochs are a Param: the time limit can only be known once they are rendered, and
+        # Airflow starts the execution_timeout clock after rendering.
+        super().render_template_fields(context, jinja_env)
+        if self.derives_execution_timeout:
+            self.execution_timeout = self.training_timeout()
+
+    def training_timeout(self) -> datetime.timedelta:
+        """30 minutes plus ``epoch_timeout`` for each epoch to run (the Param's, else the spec's)."""
+        epochs = self.hyperparameters.get("epochs") or self.load_spec().training.epochs
+        try:
+            return TRAINING_SETUP_TIMEOUT + int(epochs) * parse_duration(self.epoch_timeout)
+        except ValueError as err:
+            raise AirflowFailException(f"{self.task_id}: epoch_timeout {self.epoch_timeout!r}: {err}") from None
 
     def execute(self, context):
         from tfjobs.train import TrainArgs, train_model

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -75,6 +79,51 @@ def airflow_dags_test(home: Path, dag_id: str, dags_folder: Path = ROOT / "dags"
     return dags_test, store
 
 
+@contextlib.contextmanager
+def loopback_http():
+    """An HTTP server on 127.0.0.1 that serves ``files`` (path -> bytes), answers ``redirects``
+    (path -> URL) with 302, anything else with 404, and records each request as
+    ``(method, path, headers)`` in ``requests``. ``url(path)`` is the full URL of a path."""
+    state = SimpleNamespace(files={}, redirects={}, requests=[])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.answer(with_body=True)
+
+        def do_HEAD(self):
+            self.answer(with_body=False)
+
+        def answer(self, with_body):
+            path = self.path.split("?")[0]
+            state.requests.append((self.command, path, dict(self.headers)))
+            if path in state.redirects:
+                self.send_response(302)
+                self.send_header("Location", state.redirects[path])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif path in state.files:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(state.files[path])))
+                self.end_headers()
+                if with_body:
+                    self.wfile.write(state.files[path])
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    state.url = lambda path: f"http://127.0.0.1:{server.server_address[1]}{path}"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def store(tmp_path):
     return str(tmp_path / "store")
@@ -83,8 +132,6 @@ def store(tmp_path):
 @pytest.fixture(scope="session")
 def penguins_pipeline(tmp_path_factory, penguins_spec):
     """The penguins pipeline run once through the tfjobs library (no Airflow), shared by tests."""
-    from types import SimpleNamespace
-
     from tfjobs.adapt import adapt_preprocessing
     from tfjobs.evaluate import evaluate_model
     from tfjobs.export import ExportArgs, export_model

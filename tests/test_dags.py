@@ -85,6 +85,28 @@ def test_housing_dag_trigger_form_picks_model_loss_loop_and_landing_prefix():
     assert fetch.source_uri == "{{ params.source_uri or '' }}"
 
 
+def test_the_form_refuses_credentials_in_the_source_and_takes_a_delivery_deadline():
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "housing.py")).dags["housing"]
+    params, fetch = dag.params, dag.get_task("fetch")
+    with pytest.raises(ParamValidationError):
+        params.get_param("source_uri").resolve("https://user:secret@landing.example.com/{partition}.csv")
+    assert params.get_param("source_uri").resolve("s3://landing/housing/{partition}.csv")
+    for good in ("", "6h", "1h30m", "2026-11-26T06:00:00Z", None):
+        params.get_param("delivery_deadline").resolve(good)
+    for bad in ("6 hours", "tomorrow"):
+        with pytest.raises(ParamValidationError):
+            params.get_param("delivery_deadline").resolve(bad)
+    with pytest.raises(ParamValidationError):
+        params.get_param("epoch_timeout").resolve("")
+    assert (fetch.source_conn_id, fetch.deadline, fetch.poke_interval) == (
+        "{{ params.source_conn_id or '' }}", "{{ params.delivery_deadline or '' }}",
+        "{{ params.delivery_poke_interval or '' }}")
+    assert dag.get_task("train").epoch_timeout == "{{ params.epoch_timeout }}"
+
+
 def test_penguins_form_offers_only_classification_losses():
     from airflow.dag_processing.dagbag import DagBag
 

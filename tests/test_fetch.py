@@ -1,11 +1,10 @@
-import functools
-import http.server
-import threading
+import datetime as dt
 
 import pytest
 
-from conftest import tiny_spec
-from tfjobs.fetch import SourceNotFoundError, fetch_dataset
+from conftest import loopback_http, tiny_spec
+from tfjobs.deadlines import utc_now, utc_text
+from tfjobs.fetch import DeliveryPending, SourceAuth, SourceNotFoundError, fetch_dataset, fetch_when_delivered
 from tfjobs.spec import SourceSpec
 from tfjobs.storage.store import read_json, store_for
 
@@ -39,20 +38,51 @@ def test_csv_from_a_path_or_file_uri(tmp_path, store, as_uri):
     assert store_for(result.data_uri).read_bytes(result.data_uri) == CSV.encode()
 
 
-def test_csv_over_http_without_credentials_in_the_manifest(tmp_path, store):
-    (tmp_path / "data.csv").write_text(CSV)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        port = server.server_address[1]
-        result = fetch_dataset(tiny_spec(), f"{store}/raw", source_uri=f"http://user:pw@127.0.0.1:{port}/data.csv?k=1")
+def test_csv_over_http_without_the_query_in_the_manifest(store):
+    with loopback_http() as server:
+        server.files["/data.csv"] = CSV.encode()
+        result = fetch_dataset(tiny_spec(), f"{store}/raw", source_uri=server.url("/data.csv?k=1"))
         assert result.rows == 2
-        assert read_json(result.manifest_uri)["source"] == f"http://127.0.0.1:{port}/data.csv"
-        with pytest.raises(OSError, match=rf"Could not download http://127.0.0.1:{port}/missing.csv"):
-            fetch_dataset(tiny_spec(), f"{store}/raw2", source_uri=f"http://127.0.0.1:{port}/missing.csv")
-    finally:
-        server.shutdown()
+        assert read_json(result.manifest_uri)["source"] == server.url("/data.csv")
+        with pytest.raises(OSError, match=f"Could not download {server.url('/missing.csv')}"):
+            fetch_dataset(tiny_spec(), f"{store}/raw2", source_uri=server.url("/missing.csv"))
+
+
+def test_credentials_in_a_uri_are_refused_before_any_request(store):
+    with loopback_http() as server:
+        server.files["/data.csv"] = CSV.encode()
+        uri = server.url("/data.csv").replace("://", "://user:s3cret@")
+        for source in (uri, uri.replace("data.csv", "{partition}.csv")):
+            with pytest.raises(ValueError, match="carries credentials.*HTTP connection.*source_conn_id") as refused:
+                fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-25", source_uri=source)
+            assert "s3cret" not in str(refused.value)
+        assert server.requests == []
+
+
+def test_credentials_follow_a_redirect_on_their_origin_only(store):
+    """A server on port A redirects to itself and to a server on port B: only A sees the Authorization header."""
+    with loopback_http() as a, loopback_http() as b:
+        a.files["/data.csv"] = b.files["/data.csv"] = CSV.encode()
+        a.redirects["/same"] = a.url("/data.csv")
+        a.redirects["/elsewhere"] = b.url("/data.csv")
+        auth = SourceAuth.basic(a.url("/"), "user", "s3cret")
+        expected = auth.headers["Authorization"]
+        for path in ("/same", "/elsewhere"):
+            assert fetch_dataset(tiny_spec(), f"{store}/raw{path}", source_uri=a.url(path), auth=auth).rows == 2
+        assert [(m, p, h.get("Authorization")) for m, p, h in a.requests] == [
+            ("GET", "/same", expected), ("GET", "/data.csv", expected), ("GET", "/elsewhere", expected),
+        ]
+        assert [(m, p, h.get("Authorization")) for m, p, h in b.requests] == [("GET", "/data.csv", None)]
+        assert "s3cret" not in repr(auth)
+
+
+def test_credentials_are_for_their_origin_and_http_only(store, tmp_path):
+    (tmp_path / "in.csv").write_text(CSV)
+    auth = SourceAuth.basic("https://landing.example.com", "user", "s3cret")
+    with pytest.raises(ValueError, match="not at https://landing.example.com:443, the only origin"):
+        fetch_dataset(tiny_spec(), f"{store}/raw", source_uri="https://elsewhere.example.com/x.csv", auth=auth)
+    with pytest.raises(ValueError, match="not http"):
+        fetch_dataset(tiny_spec(), f"{store}/raw", source_uri=str(tmp_path / "in.csv"), auth=auth)
 
 
 def test_sklearn_bundled_dataset(store):
@@ -83,9 +113,10 @@ def test_landing_prefix_reads_the_partitions_file(tmp_path, store):
     landing = tmp_path / "landing"
     landing.mkdir()
     (landing / "2026-11-24.csv").write_text(CSV)
-    spec = tiny_spec(source={"kind": "landing", "uri": str(landing)})
+    spec = tiny_spec(source={"kind": "landing", "uri": str(landing), "deadline": "6h"})
     assert fetch_dataset(spec, f"{store}/raw", partition="2026-11-24").rows == 2
-    with pytest.raises(SourceNotFoundError, match="No delivery for partition 2026-11-25: expected"):
+    # The day ended long ago: 6 hours after its end has passed, so there is nothing to wait for.
+    with pytest.raises(SourceNotFoundError, match="No delivery for 2026-11-25 by 2026-11-26T06:00:00Z: expected"):
         fetch_dataset(spec, f"{store}/raw", partition="2026-11-25")
 
 
@@ -96,8 +127,51 @@ def test_partition_placeholder_in_source_uri_reads_one_delivery_per_day(tmp_path
     source = f"{landing}/{{partition}}.csv"
     result = fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-24", source_uri=source)
     assert (result.rows, result.source) == (2, f"{landing}/2026-11-24.csv")
-    with pytest.raises(SourceNotFoundError, match=r"No delivery for partition 2026-11-25: expected .*2026-11-25\.csv"):
+    with pytest.raises(SourceNotFoundError, match=r"No delivery for 2026-11-25 by 2026-11-26T06:00:00Z: expected .*2026-11-25\.csv"):
         fetch_dataset(tiny_spec(), f"{store}/raw2", partition="2026-11-25", source_uri=source)
+
+
+def test_a_delivery_before_its_deadline_is_pending_until_the_next_poke(tmp_path, store):
+    source = f"{tmp_path}/{{partition}}.csv"
+    deadline = (utc_now() + dt.timedelta(hours=1)).replace(microsecond=0)
+    before = utc_now()
+    with pytest.raises(DeliveryPending) as pending:
+        fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-25", source_uri=source,
+                      deadline=utc_text(deadline), poke_interval="90s")
+    assert pending.value.deadline == deadline
+    assert before + dt.timedelta(seconds=90) <= pending.value.next_poke <= utc_now() + dt.timedelta(seconds=90)
+    # The last poke is at the deadline, not after it.
+    with pytest.raises(DeliveryPending) as pending:
+        fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-25", source_uri=source,
+                      deadline=utc_text(deadline), poke_interval="2h")
+    assert pending.value.next_poke == deadline
+    assert not store_for(store).exists(f"{store}/raw")
+
+
+def test_the_command_line_waits_for_a_late_delivery_in_process(tmp_path, store):
+    source = f"{tmp_path}/{{partition}}.csv"
+    waits = []
+
+    def deliver_while_waiting(seconds):
+        waits.append(seconds)
+        (tmp_path / "2026-11-25.csv").write_text(CSV)
+
+    result = fetch_when_delivered(tiny_spec(), f"{store}/raw", "2026-11-25", source,
+                                  deadline=utc_text(utc_now() + dt.timedelta(hours=1)), poke_interval="30s",
+                                  sleep=deliver_while_waiting)
+    assert result.rows == 2 and len(waits) == 1 and 29 < waits[0] <= 30
+
+
+def test_an_http_delivery_is_poked_with_head_requests_through_redirects(store):
+    with loopback_http() as server:
+        source = server.url("/landing/{partition}.csv")
+        server.redirects["/landing/2026-11-25.csv"] = server.url("/files/2026-11-25.csv")
+        deadline = utc_text(utc_now() + dt.timedelta(hours=1))
+        with pytest.raises(DeliveryPending):
+            fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-25", source_uri=source, deadline=deadline)
+        server.files["/files/2026-11-25.csv"] = CSV.encode()
+        assert fetch_dataset(tiny_spec(), f"{store}/raw", partition="2026-11-25", source_uri=source).rows == 2
+        assert [m for m, _, _ in server.requests] == ["HEAD", "HEAD", "HEAD", "HEAD", "GET", "GET"]
 
 
 def test_empty_csv_is_an_error(tmp_path, store):
@@ -107,4 +181,5 @@ def test_empty_csv_is_an_error(tmp_path, store):
 
 
 def test_source_spec_defaults():
-    assert SourceSpec(kind="landing", uri="x").pattern == "{partition}.csv"
+    source = SourceSpec(kind="landing", uri="x")
+    assert (source.pattern, source.deadline, source.poke_interval) == ("{partition}.csv", "6h", "5m")

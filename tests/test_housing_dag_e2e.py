@@ -5,16 +5,19 @@ reads the day's delivery from a landing prefix; later runs fetch the same bytes
 and rewrite nothing) and each run trains, evaluates and exports its own model.
 """
 
+import datetime
 import json
 import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import HOUSING_CSV, ROOT, airflow_dags_test
 from tfjobs import choices
+from tfjobs.deadlines import utc_now, utc_text
 
 pytestmark = pytest.mark.slow
 DATE = "2026-11-24"
@@ -148,9 +151,20 @@ def test_every_kind_serves_raw_rows_in_dollars_and_reloads_from_keras_in_a_fresh
 
 
 def test_a_day_without_delivery_fails_the_fetch_naming_the_partition(airflow, landing):
+    """The fetch looks for the day's file every second, giving its worker back in between, until the deadline."""
     dags_test, store = airflow
-    completed = dags_test("2026-11-25", conf={"source_uri": f"{landing}/{{partition}}.csv", "epochs": 1})
+    # `airflow dags test` takes about 10 s to the first poke on the 2-core VM: this leaves some 10 s of waiting.
+    deadline = (utc_now() + datetime.timedelta(seconds=20)).replace(microsecond=0)
+    started = time.monotonic()
+    completed = dags_test("2026-11-25", conf={"source_uri": f"{landing}/{{partition}}.csv", "epochs": 1,
+                                              "delivery_deadline": utc_text(deadline), "delivery_poke_interval": "1s"})
     log = completed.stdout + completed.stderr
     assert completed.returncode != 0
-    assert "No delivery for partition 2026-11-25" in log
+    pokes = log.count("No delivery for 2026-11-25 yet")
+    assert pokes >= 2 and log.count("marking task as UP_FOR_RESCHEDULE") == pokes, log[-3000:]
+    assert f"No delivery for 2026-11-25 by {utc_text(deadline)}: expected {landing}/2026-11-25.csv" in log
+    assert utc_now() >= deadline
     assert not (store / "raw" / "housing" / "2026-11-25").exists()
+    record = {"pokes": pokes, "seconds": round(time.monotonic() - started, 1)}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "housing_dag_late_delivery.json").write_text(json.dumps(record) + "\n")  # for the issue notes

@@ -13,6 +13,17 @@ The raw bytes are kept as delivered; the manifest records the row count, the
 SHA-256 and where they came from. A re-fetch that yields the same bytes rewrites
 nothing.
 
+A landing delivery may be late. Until its deadline (``source.deadline`` after the
+end of the partition's day, or an absolute UTC time given for the run) a missing
+file raises :class:`DeliveryPending`, which says when to look again; after it,
+:class:`SourceNotFoundError` names the deadline. Looking only checks that the file
+exists (the object store's ``exists``, an HTTP ``HEAD``); the command line waits in
+process, Airflow's fetch operator gives its worker slot back between looks.
+
+Credentials never travel in a URI (they would end up in the run's configuration and
+logs): a URI with ``user:password@`` is refused. HTTP credentials come as a
+:class:`SourceAuth`, bound to one origin; a redirect to another origin drops them.
+
     python -m tfjobs.fetch --spec include/penguins.yaml --output .demo/store/raw/penguins/2026-11-25
 """
 
@@ -21,14 +32,20 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import datetime as dt
 import logging
+import os
 import shutil
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tfjobs import cli
+from tfjobs.deadlines import parse_duration, partition_deadline, utc_now, utc_text
 from tfjobs.spec import PipelineSpec, SourceSpec, load_spec
 from tfjobs.storage.store import join, local_copy, read_json_if_exists, redact, sha256_file, staging_dir, store_for, write_json
 
@@ -40,7 +57,41 @@ HTTP_TIMEOUT_S = 60
 
 
 class SourceNotFoundError(FileNotFoundError):
-    """The source has no data for the partition asked for."""
+    """The source has no data for the partition asked for (for a delivery: not by its deadline)."""
+
+
+class DeliveryPending(Exception):
+    """The partition's delivery is not there yet, and its deadline has not passed: look again at ``next_poke``."""
+
+    def __init__(self, partition: str, uri: str, deadline: dt.datetime, next_poke: dt.datetime) -> None:
+        super().__init__(
+            f"No delivery for {partition} yet at {uri}; looking again at {utc_text(next_poke)}, "
+            f"giving up at {utc_text(deadline)}"
+        )
+        self.partition = partition
+        self.uri = uri
+        self.deadline = deadline
+        self.next_poke = next_poke
+
+
+@dataclass(frozen=True)
+class SourceAuth:
+    """HTTP headers that authenticate to the source (e.g. Basic auth), sent to ``origin`` only.
+
+    A source at another origin is refused, and a redirect to another origin drops
+    them. ``origin`` is ``scheme://host:port``; the headers never show in a repr.
+    """
+
+    origin: str
+    headers: Mapping[str, str] = field(repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "origin", origin_of(self.origin))
+
+    @classmethod
+    def basic(cls, origin: str, user: str, password: str) -> SourceAuth:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        return cls(origin, {"Authorization": f"Basic {token}"})
 
 
 @dataclass(frozen=True)
@@ -53,21 +104,34 @@ class FetchResult:
     rewritten: bool
 
 
-def fetch_dataset(spec: PipelineSpec, output_uri: str, partition: str = "", source_uri: str = "") -> FetchResult:
+def fetch_dataset(
+    spec: PipelineSpec,
+    output_uri: str,
+    partition: str = "",
+    source_uri: str = "",
+    *,
+    deadline: str = "",
+    poke_interval: str = "",
+    auth: SourceAuth | None = None,
+) -> FetchResult:
     """Fetch the spec's source (or ``source_uri``, a CSV) into ``output_uri``.
 
     ``{partition}`` in ``source_uri`` becomes the partition, which reads one file per
-    day from a landing prefix: ``s3://landing/housing/{partition}.csv``.
+    day from a landing prefix: ``s3://landing/housing/{partition}.csv``. A delivery
+    that is not there yet raises :class:`DeliveryPending` until ``deadline`` (default:
+    the spec's ``source.deadline``), then :class:`SourceNotFoundError`.
     """
-    source = spec.source
-    if source_uri:
-        if "{partition}" in source_uri:
-            source = SourceSpec(kind="landing", pattern=source_uri)
-        else:
-            source = SourceSpec(kind="csv", uri=source_uri)
+    source = source_for(spec, source_uri)
+    location = source_location(source)
+    _refuse_credentials_in(location)
+    if auth is not None:
+        _check_auth_origin(auth, location)
     with staging_dir() as tmp:
         local = tmp / DATA_FILE
-        description = _fetch_source(source, partition, local)
+        if source.kind == "landing":
+            description = _fetch_delivery(source, partition, local, deadline, poke_interval, auth)
+        else:
+            description = _fetch_source(source, local, auth)
         digest = sha256_file(local)
         manifest_uri = join(output_uri, MANIFEST)
         previous = read_json_if_exists(manifest_uri)
@@ -93,6 +157,88 @@ def fetch_dataset(spec: PipelineSpec, output_uri: str, partition: str = "", sour
     return _result(output_uri, manifest, rewritten=True)
 
 
+def fetch_when_delivered(
+    spec: PipelineSpec,
+    output_uri: str,
+    partition: str = "",
+    source_uri: str = "",
+    *,
+    deadline: str = "",
+    poke_interval: str = "",
+    auth: SourceAuth | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> FetchResult:
+    """:func:`fetch_dataset`, waiting in this process for a late delivery until its deadline."""
+    while True:
+        try:
+            return fetch_dataset(spec, output_uri, partition, source_uri,
+                                 deadline=deadline, poke_interval=poke_interval, auth=auth)
+        except DeliveryPending as pending:
+            log.info("%s", pending)
+            sleep(max(0.0, (pending.next_poke - utc_now()).total_seconds()))
+
+
+def source_for(spec: PipelineSpec, source_uri: str = "") -> SourceSpec:
+    """The source to fetch: the spec's, or ``source_uri`` (a landing pattern if it holds ``{partition}``).
+
+    A landing pattern given for the run keeps the spec's deadline and poke interval.
+    """
+    if not source_uri:
+        return spec.source
+    if "{partition}" in source_uri:
+        return SourceSpec(kind="landing", pattern=source_uri, deadline=spec.source.deadline,
+                          poke_interval=spec.source.poke_interval)
+    return SourceSpec(kind="csv", uri=source_uri)
+
+
+def source_location(source: SourceSpec) -> str:
+    """Where a csv or landing source's files are (``{partition}`` left in); empty for the others."""
+    if source.kind == "landing":
+        return join(source.uri, source.pattern) if source.uri else source.pattern
+    return source.uri if source.kind == "csv" else ""
+
+
+def delivery_uri(source: SourceSpec, partition: str) -> str:
+    """The file of one partition's delivery."""
+    if not partition:
+        raise ValueError("A landing source needs a partition (the run's logical date)")
+    return source_location(source).replace("{partition}", partition)
+
+
+def delivery_exists(uri: str, auth: SourceAuth | None = None) -> bool:
+    """Whether the file is there, without reading it: the store's ``exists``, or an HTTP ``HEAD``."""
+    if urllib.parse.urlsplit(uri).scheme in ("http", "https"):
+        return _http_exists(uri, auth)
+    return store_for(uri).exists(uri)
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host:port`` of a URL, with the scheme's default port filled in."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{parts.hostname or ''}:{port}"
+
+
+def _fetch_delivery(source: SourceSpec, partition: str, target: Path, deadline: str, poke_interval: str,
+                    auth: SourceAuth | None) -> str:
+    uri = delivery_uri(source, partition)
+    if not delivery_exists(uri, auth):
+        due = partition_deadline(partition, deadline or source.deadline)
+        now = utc_now()
+        if now >= due:
+            raise SourceNotFoundError(
+                f"No delivery for {partition} by {utc_text(due)}: expected {redact(uri)}. Deliver the file and run "
+                "the fetch again, or give the run a later deadline (source.deadline in the spec, or the run's "
+                "delivery deadline)."
+            )
+        next_poke = min(now + parse_duration(poke_interval or source.poke_interval), due)
+        raise DeliveryPending(partition, redact(uri), due, next_poke)
+    try:
+        return _copy_uri(uri, target, auth)
+    except FileNotFoundError:
+        raise SourceNotFoundError(f"The delivery for {partition} went away while it was read: {redact(uri)}") from None
+
+
 def _result(output_uri: str, manifest: dict, rewritten: bool) -> FetchResult:
     return FetchResult(
         data_uri=join(output_uri, manifest["file"]),
@@ -104,7 +250,7 @@ def _result(output_uri: str, manifest: dict, rewritten: bool) -> FetchResult:
     )
 
 
-def _fetch_source(source: SourceSpec, partition: str, target: Path) -> str:
+def _fetch_source(source: SourceSpec, target: Path, auth: SourceAuth | None) -> str:
     """Write the source's CSV bytes to ``target``; return a credential-free description."""
     if source.kind == "palmerpenguins":
         import palmerpenguins
@@ -115,24 +261,13 @@ def _fetch_source(source: SourceSpec, partition: str, target: Path) -> str:
         return _fetch_sklearn(source.name, target)
     if source.kind == "tfds":
         return _fetch_tfds(source, target)
-    if source.kind == "landing":
-        if not partition:
-            raise ValueError("A landing source needs a partition (the run's logical date)")
-        uri = source.pattern.replace("{partition}", partition)
-        uri = join(source.uri, uri) if source.uri else uri
-        try:
-            return _copy_uri(uri, target)
-        except FileNotFoundError:
-            raise SourceNotFoundError(f"No delivery for partition {partition}: expected {redact(uri)}") from None
-    return _copy_uri(source.uri, target)
+    return _copy_uri(source.uri, target, auth)
 
 
-def _copy_uri(uri: str, target: Path) -> str:
-    scheme = urllib.parse.urlsplit(uri).scheme
-    if scheme in ("http", "https"):
-        request = _http_request(uri)
+def _copy_uri(uri: str, target: Path, auth: SourceAuth | None) -> str:
+    if urllib.parse.urlsplit(uri).scheme in ("http", "https"):
         try:
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response, open(target, "wb") as out:
+            with _open_http(uri, auth) as response, open(target, "wb") as out:
                 shutil.copyfileobj(response, out)
         except OSError as err:  # URLError and HTTPError are OSErrors
             raise OSError(f"Could not download {redact(uri)}: {err}") from None
@@ -142,15 +277,75 @@ def _copy_uri(uri: str, target: Path) -> str:
     return redact(uri)
 
 
-def _http_request(uri: str) -> urllib.request.Request:
-    """A GET for ``uri``; user and password in the URI become a Basic auth header."""
-    parsed = urllib.parse.urlsplit(uri)
-    headers = {"User-Agent": "shardline"}
-    if parsed.username is not None:
-        credentials = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
-        headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
-        parsed = parsed._replace(netloc=parsed.netloc.rpartition("@")[2])
-    return urllib.request.Request(urllib.parse.urlunsplit(parsed), headers=headers)
+def _refuse_credentials_in(uri: str) -> None:
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme and "@" in parts.netloc:
+        raise ValueError(
+            f"The source URI {redact(uri)} carries credentials (user:password@): they would be stored with the run "
+            "and shown in its logs. Take them out of the URI and give them separately: under Airflow, the id of an "
+            "HTTP connection that holds them as source_conn_id; on the command line, --basic-auth-env."
+        )
+
+
+def _check_auth_origin(auth: SourceAuth, location: str) -> None:
+    if urllib.parse.urlsplit(location).scheme not in ("http", "https"):
+        raise ValueError(f"HTTP credentials were given for a source that is not http(s): {redact(location) or 'the spec'}")
+    if origin_of(location) != auth.origin:
+        raise ValueError(
+            f"The source {redact(location)} is not at {auth.origin}, the only origin its credentials are for; "
+            "point the source there, or use credentials (a connection) for its own server."
+        )
+
+
+class _CredentialsStayWithTheirOrigin(urllib.request.HTTPRedirectHandler):
+    """Follow redirects, dropping the credential headers on the way to another origin (a HEAD stays a HEAD).
+
+    urllib's own handler copies every header to wherever the server redirects.
+    """
+
+    def __init__(self, credential_headers: Iterable[str]) -> None:
+        # Request.add_header stores names capitalized ("X-api-key"); remove_header needs them so.
+        self.credential_headers = {"Authorization", *(name.capitalize() for name in credential_headers)}
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        redirected = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if redirected is None:
+            return None
+        if origin_of(redirected.full_url) != origin_of(req.full_url):
+            for name in self.credential_headers:
+                redirected.remove_header(name)
+        if req.get_method() == "HEAD":
+            redirected.method = "HEAD"
+        return redirected
+
+
+def _open_http(uri: str, auth: SourceAuth | None, method: str = "GET", headers: Mapping[str, str] | None = None):
+    request = urllib.request.Request(uri, method=method, headers={"User-Agent": "shardline", **(headers or {})})
+    credentials = auth.headers if auth is not None and origin_of(uri) == auth.origin else {}
+    for name, value in credentials.items():
+        request.add_header(name, value)
+    opener = urllib.request.build_opener(_CredentialsStayWithTheirOrigin(credentials))
+    return opener.open(request, timeout=HTTP_TIMEOUT_S)
+
+
+def _http_exists(uri: str, auth: SourceAuth | None) -> bool:
+    """``HEAD``; a server that does not do ``HEAD`` gets a ``GET`` of the first byte."""
+    for method, headers in (("HEAD", None), ("GET", {"Range": "bytes=0-0"})):
+        try:
+            with _open_http(uri, auth, method, headers):
+                return True
+        except urllib.error.HTTPError as err:
+            if err.code in (404, 410):
+                return False
+            if err.code in (401, 403):
+                raise PermissionError(
+                    f"{redact(uri)} answered HTTP {err.code} {err.reason}: check the source's credentials"
+                ) from None
+            if err.code not in (405, 501):
+                raise OSError(f"Could not check {redact(uri)}: HTTP {err.code} {err.reason}") from None
+        except OSError as err:
+            raise OSError(f"Could not check {redact(uri)}: {err}") from None
+    raise OSError(f"Could not check {redact(uri)}: it answers neither HEAD nor GET")
 
 
 def _fetch_sklearn(name: str, target: Path) -> str:
@@ -206,8 +401,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--partition", default="", help="the partition (logical date) to fetch")
     parser.add_argument("--source", default="",
                         help="fetch this CSV URI instead of the spec's source; {partition} in it becomes --partition")
+    parser.add_argument("--deadline", default="",
+                        help="wait for a late delivery until this long after the end of the partition's day (6h) "
+                        "or until this UTC time (2026-11-26T06:00:00Z); default: the spec's source.deadline")
+    parser.add_argument("--poke-interval", default="", help="how often to look for it meanwhile (default: the spec's)")
+    parser.add_argument("--basic-auth-env", default="", metavar="NAME",
+                        help="environment variable holding user:password for HTTP Basic auth to the source")
     args = cli.parse(parser, argv)
-    result = fetch_dataset(load_spec(args.spec), args.output, partition=args.partition, source_uri=args.source)
+    spec = load_spec(args.spec)
+    auth = None
+    if args.basic_auth_env:
+        user, _, password = os.environ[args.basic_auth_env].partition(":")
+        auth = SourceAuth.basic(origin_of(source_location(source_for(spec, args.source))), user, password)
+    result = fetch_when_delivered(spec, args.output, args.partition, args.source,
+                                  deadline=args.deadline, poke_interval=args.poke_interval, auth=auth)
     cli.print_result(result)
 
 

@@ -35,6 +35,7 @@ import pydantic
 import yaml
 
 from tfjobs import choices
+from tfjobs.deadlines import parse_duration
 from tfjobs.features import Cross, Feature, OptionsError, options_schema, parse_feature
 from tfjobs.storage.examples import Column
 
@@ -68,6 +69,10 @@ class SourceSpec:
     name: str = ""  # sklearn/tfds: the dataset's name
     split: str = "train"  # tfds: which split to take
     pattern: str = "{partition}.csv"  # landing: the file name of one day's delivery
+    # Landing (or a source_uri with {partition}): how long after the end of its day a partition's
+    # delivery may come, and how often to look for it meanwhile (tfjobs.deadlines.parse_duration).
+    deadline: str = "6h"
+    poke_interval: str = "5m"
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,11 @@ def parse_spec(raw: Any) -> PipelineSpec:
         raise SpecError(f"source.kind {source.kind!r} is not one of {SOURCE_KINDS}")
     if source.kind in ("csv", "landing") and not source.uri:
         raise SpecError(f"source.kind {source.kind!r} needs source.uri")
+    for wait_field in ("deadline", "poke_interval"):
+        try:
+            parse_duration(getattr(source, wait_field))
+        except ValueError as err:
+            raise SpecError(f"source.{wait_field}: {err}") from None
     split_raw = dict(raw.get("split") or {})
     if "key" in split_raw:
         split_raw["key"] = tuple(split_raw["key"])
