@@ -136,3 +136,28 @@ def test_feature_vector_one_hot_and_embedding():
     assert out.shape == (3, 2 + 4 + 2) == (3, layer.width)
     np.testing.assert_array_equal(out[:, -2:], [[0, 1], [0, 1], [1, 0]])  # one-hot "shape"
     np.testing.assert_allclose(out[0, 2:6], np.asarray(layer.embeddings["colour"].embeddings)[0])
+
+
+def test_feature_vector_takes_inputs_of_other_forms_through_their_registered_part():
+    from tfjobs.modeling import parts
+
+    @keras.saving.register_keras_serializable(package="shardline_test")
+    class Flatten2(keras.layers.Layer):
+        def call(self, x):
+            return keras.ops.reshape(x, (-1, 4))
+
+        def compute_output_shape(self, input_shape):
+            return (input_shape[0], 4)
+
+    parts.register_part("grid")(lambda name, config: Flatten2(name=f"grid_{name}"))
+    try:
+        config = {"form": "grid", "shape": [2, 2], "dtype": "float32"}
+        layer = FeatureVector(1, {"colour": 3}, parts={"board": config})
+        out = np.asarray(layer({NUMBERS: np.ones((2, 1), np.float32), "colour": np.array([0, 2]),
+                                "board": np.arange(8, dtype=np.float32).reshape(2, 2, 2)}))
+        assert layer.width == 1 + 3 + 4 and out.shape == (2, 8)
+        assert out[1, -4:].tolist() == [4.0, 5.0, 6.0, 7.0]  # the part's vector, after the one-hot
+        with pytest.raises(ValueError, match="no model part is registered for that form"):
+            FeatureVector(0, {}, parts={"clip": {"form": "video", "shape": [1]}})
+    finally:
+        del parts.PART_BUILDERS["grid"]

@@ -69,12 +69,17 @@ class Encoded:
     ``number``: one float, stacked with the other features' numbers under ``NUMBERS``;
     ``index``: an integer in ``[0, size)``, one-hot or embedded by the model;
     ``vector``: ``size`` floats (a multi-hot or count vector).
+    Any other form (a token sequence, an image: ``shape`` and ``dtype`` say what the
+    tensor is) reaches the model through the part registered for that form in
+    :mod:`tfjobs.modeling.parts`, which makes it a vector.
     """
 
-    form: Literal["number", "index", "vector"]
+    form: str  # number | index | vector | a form with a model part
     size: int = 1
     encoding: str = "one_hot"  # index: one_hot | embedding
     embedding_dim: int = 8
+    shape: tuple[int, ...] = ()  # other forms: the tensor's shape after the batch axis
+    dtype: str = "float32"  # other forms: the tensor's dtype
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers
 
@@ -108,8 +109,16 @@ class FeaturePreprocessor(layers.Layer):
         return {**super().get_config(), "state": self.state}
 
     def encoded_row_bytes(self) -> int:
-        """Bytes one preprocessed row takes in memory: float32 numbers and vectors, int64 indices, the label."""
-        return 8 + sum(8 if e.form == "index" else 4 * e.size for e in self.encodings.values())
+        """Bytes one preprocessed row takes in memory: float32 numbers and vectors, int64 indices, other
+        forms by their shape and dtype, and the label."""
+        def size(e: Encoded) -> int:
+            if e.form == "index":
+                return 8
+            if e.form in ("number", "vector"):
+                return 4 * e.size
+            return int(np.prod(e.shape, dtype=np.int64)) * tf.dtypes.as_dtype(e.dtype).size
+
+        return 8 + sum(size(e) for e in self.encodings.values())
 
 
 def serving_inputs(state: dict[str, Any]) -> dict[str, tf.TensorSpec]:

@@ -253,7 +253,8 @@ class FeatureVector(layers.Layer):
     included); an index whose ``encodings`` entry is ``"embedding"`` goes through a
     trainable ``Embedding`` of ``embedding_dims[name]`` columns, any other is one-hot.
     ``vector_widths`` are the widths of the vector inputs (multi-hot or count), taken as
-    they come.
+    they come. ``parts`` describe inputs of other forms (a token sequence, an image), each
+    made a vector by the part registered for its form (:mod:`tfjobs.modeling.parts`).
     """
 
     def __init__(
@@ -263,16 +264,21 @@ class FeatureVector(layers.Layer):
         encodings: dict[str, str] | None = None,
         embedding_dims: dict[str, int] | None = None,
         vector_widths: dict[str, int] | None = None,
+        parts: dict[str, dict] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        from tfjobs.modeling.parts import build_part
+
         self.numeric_width = int(numeric_width)
         self.index_sizes = {name: int(size) for name, size in index_sizes.items()}
         self.encodings = {name: (encodings or {}).get(name, "one_hot") for name in self.index_sizes}
         self.embedding_dims = {name: int(dim) for name, dim in (embedding_dims or {}).items()}
         self.vector_widths = {name: int(width) for name, width in (vector_widths or {}).items()}
-        if not self.numeric_width and not self.index_sizes and not self.vector_widths:
-            raise ValueError("FeatureVector needs numbers, indices or vectors, got none")
+        self.parts = {name: dict(config) for name, config in (parts or {}).items()}
+        if not self.numeric_width and not self.index_sizes and not self.vector_widths and not self.parts:
+            raise ValueError("FeatureVector needs numbers, indices, vectors or parts, got none")
+        self.part_layers = {name: build_part(name, config) for name, config in self.parts.items()}
         self.embeddings = {
             name: layers.Embedding(size, self.embedding_dims.get(name, 8), name=f"embed_{name}")
             for name, size in self.index_sizes.items()
@@ -281,14 +287,18 @@ class FeatureVector(layers.Layer):
 
     @property
     def width(self) -> int:
+        from tfjobs.modeling.parts import part_width
+
         return self.numeric_width + sum(self.vector_widths.values()) + sum(
             self.embeddings[name].output_dim if name in self.embeddings else size
             for name, size in self.index_sizes.items()
-        )
+        ) + sum(part_width(self.part_layers[name], config) for name, config in self.parts.items())
 
     def build(self, input_shape=None):
         for embedding in self.embeddings.values():
             embedding.build((None,))
+        for name, part in self.part_layers.items():
+            part.build((None, *self.parts[name]["shape"]))
 
     def call(self, inputs):
         parts = [ops.cast(inputs[NUMBERS], self.compute_dtype)] if self.numeric_width else []
@@ -299,6 +309,7 @@ class FeatureVector(layers.Layer):
                 parts.append(self.embeddings[name](indices))
             else:
                 parts.append(ops.one_hot(ops.cast(indices, "int32"), size, dtype=self.compute_dtype))
+        parts += [ops.cast(self.part_layers[name](inputs[name]), self.compute_dtype) for name in self.parts]
         return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
     def compute_output_shape(self, input_shape):
@@ -312,6 +323,7 @@ class FeatureVector(layers.Layer):
             "encodings": self.encodings,
             "embedding_dims": self.embedding_dims,
             "vector_widths": self.vector_widths,
+            "parts": self.parts,
         }
         base_config = super().get_config()
         return {**base_config, **config}

@@ -67,7 +67,8 @@ class EncodedFeatures:
     """What the training model's inputs are, as the features' kinds encode them (``FeaturePreprocessor.encodings``).
 
     ``numeric_width`` numbers stacked under ``NUMBERS``; an index per feature in ``index_sizes``
-    (one-hot or embedded, as ``encodings`` says); a vector per feature in ``vector_widths``.
+    (one-hot or embedded, as ``encodings`` says); a vector per feature in ``vector_widths``;
+    inputs of other forms in ``parts`` (their :class:`~tfjobs.features.Encoded` as a dict).
     """
 
     numeric_width: int
@@ -75,6 +76,7 @@ class EncodedFeatures:
     encodings: dict[str, str] = field(default_factory=dict)
     embedding_dims: dict[str, int] = field(default_factory=dict)
     vector_widths: dict[str, int] = field(default_factory=dict)
+    parts: dict[str, dict] = field(default_factory=dict)
 
 
 def encoded_features(preprocessor) -> EncodedFeatures:
@@ -87,6 +89,8 @@ def encoded_features(preprocessor) -> EncodedFeatures:
         encodings={name: e.encoding for name, e in indices.items()},
         embedding_dims={name: e.embedding_dim for name, e in indices.items()},
         vector_widths={name: e.size for name, e in encodings.items() if e.form == "vector" and name != NUMBERS},
+        parts={name: {**dataclasses.asdict(e), "shape": list(e.shape)} for name, e in encodings.items()
+               if e.form not in ("number", "index", "vector")},
     )
 
 
@@ -98,6 +102,8 @@ def model_inputs(features: EncodedFeatures) -> dict[str, keras.KerasTensor]:
         inputs[name] = keras.Input(shape=(), dtype="int64", name=name)
     for name, width in features.vector_widths.items():
         inputs[name] = keras.Input(shape=(width,), dtype="float32", name=name)
+    for name, config in features.parts.items():
+        inputs[name] = keras.Input(shape=tuple(config["shape"]), dtype=config["dtype"], name=name)
     return inputs
 
 

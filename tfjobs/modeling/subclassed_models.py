@@ -56,6 +56,7 @@ class EncodedFeatureModel(keras.Model):
         encodings: dict[str, str] | None = None,
         embedding_dims: dict[str, int] | None = None,
         vector_widths: dict[str, int] | None = None,
+        parts: dict[str, dict] | None = None,
         output_units: int = 1,
         **kwargs,
     ):
@@ -65,6 +66,7 @@ class EncodedFeatureModel(keras.Model):
         self.encodings = dict(encodings or {})
         self.embedding_dims = dict(embedding_dims or {})
         self.vector_widths = dict(vector_widths or {})
+        self.parts = dict(parts or {})
         self.output_units = int(output_units)
 
     def feature_vector(self, encodings: dict[str, str] | None = None, name: str = "features") -> FeatureVector:
@@ -74,6 +76,7 @@ class EncodedFeatureModel(keras.Model):
             self.encodings if encodings is None else encodings,
             self.embedding_dims,
             self.vector_widths,
+            self.parts,
             name=name,
         )
 
@@ -84,6 +87,7 @@ class EncodedFeatureModel(keras.Model):
             "encodings": self.encodings,
             "embedding_dims": self.embedding_dims,
             "vector_widths": self.vector_widths,
+            "parts": self.parts,
             "output_units": self.output_units,
         }
         base_config = super().get_config()
