@@ -49,40 +49,76 @@ def load_inference_model(model_uri: str, state_uri: str):
     return training_model, build_inference_model(read_json(state_uri), training_model)
 
 
-def predict_split(model, shards_manifest_uri: str, split: str, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, predictions) of ``model`` on raw rows of a split, in shard order."""
+class SplitMetrics:
+    """The task's test metrics, accumulated batch by batch: memory does not grow with the split.
+
+    Classification: accuracy, log loss, and per class ``precision_<class>`` and ``recall_<class>``
+    (flat names, so that the spec's bounds can name them: ``min: {recall_spam: 0.85}``), plus the
+    confusion matrix. Regression: RMSE, MAE and R² (its label variance merged batch by batch).
+    """
+
+    def __init__(self, spec: PipelineSpec):
+        self.spec = spec
+        self.classes = list(spec.label.classes)
+        self.records = 0
+        if spec.label.task == "classification":
+            self.confusion = np.zeros((len(self.classes), len(self.classes)), np.int64)
+            self.log_loss_sum = 0.0
+        else:
+            from tfjobs.features.base import RunningMoments
+
+            self.squared_error_sum = self.absolute_error_sum = 0.0
+            self.labels = RunningMoments()
+
+    def update(self, labels: np.ndarray, predictions: np.ndarray) -> None:
+        self.records += len(labels)
+        if self.spec.label.task == "classification":
+            lookup = {c.encode(): i for i, c in enumerate(self.classes)}
+            truth = np.array([lookup[v] for v in labels], np.int64)
+            predicted = predictions.argmax(axis=1)
+            np.add.at(self.confusion, (truth, predicted), 1)
+            probability_of_truth = np.clip(predictions[np.arange(len(truth)), truth], 1e-7, 1.0)
+            self.log_loss_sum += float(-np.log(probability_of_truth).sum())
+        else:
+            errors = predictions.reshape(-1).astype(np.float64) - labels.astype(np.float64)
+            self.squared_error_sum += float((errors**2).sum())
+            self.absolute_error_sum += float(np.abs(errors).sum())
+            self.labels.update(labels)
+
+    def result(self) -> dict:
+        if not self.records:
+            raise ValueError("The test split has no records: nothing to evaluate")
+        if self.spec.label.task == "classification":
+            confusion = self.confusion
+            metrics = {
+                "accuracy": float(np.trace(confusion) / self.records),
+                "log_loss": self.log_loss_sum / self.records,
+            }
+            for i, name in enumerate(self.classes):
+                metrics[f"precision_{name}"] = float(confusion[i, i] / max(confusion[:, i].sum(), 1))
+                metrics[f"recall_{name}"] = float(confusion[i, i] / max(confusion[i].sum(), 1))
+            metrics["confusion_matrix"] = {"classes": self.classes, "rows_are": "truth", "counts": confusion.tolist()}
+            return metrics
+        mse = self.squared_error_sum / self.records
+        variance = self.labels.variance
+        return {
+            "rmse": float(np.sqrt(mse)),
+            "mae": self.absolute_error_sum / self.records,
+            "r2": float(1 - mse / variance) if variance else 0.0,
+        }
+
+
+def evaluate_split(spec: PipelineSpec, model, shards_manifest_uri: str, split: str = "test") -> dict:
+    """The task's metrics of ``model`` on raw rows of a split, streamed batch by batch."""
     from tfjobs.storage.input_pipeline import open_shards, raw_batches
 
-    labels, predictions = [], []
+    metrics = SplitMetrics(spec)
     with open_shards(shards_manifest_uri, split) as shards:
         for batch in raw_batches(shards, BATCH_SIZE):
             batch = dict(batch)
-            labels.append(batch.pop(label).numpy())
-            predictions.append(np.asarray(model(batch, training=False)))
-    return np.concatenate(labels), np.concatenate(predictions)
-
-
-def task_metrics(spec: PipelineSpec, labels: np.ndarray, predictions: np.ndarray) -> dict:
-    if spec.label.task == "classification":
-        classes = list(spec.label.classes)
-        truth = np.array([classes.index(v.decode()) for v in labels])
-        predicted = predictions.argmax(axis=1)
-        probability_of_truth = np.clip(predictions[np.arange(len(truth)), truth], 1e-7, 1.0)
-        confusion = np.zeros((len(classes), len(classes)), np.int64)
-        np.add.at(confusion, (truth, predicted), 1)
-        return {
-            "accuracy": float((predicted == truth).mean()),
-            "log_loss": float(-np.log(probability_of_truth).mean()),
-            "recall": {c: float(confusion[i, i] / max(confusion[i].sum(), 1)) for i, c in enumerate(classes)},
-            "confusion_matrix": {"classes": classes, "rows_are": "truth", "counts": confusion.tolist()},
-        }
-    errors = predictions.reshape(-1) - labels.astype(np.float64)
-    variance = float(np.var(labels))
-    return {
-        "rmse": float(np.sqrt(np.mean(errors**2))),
-        "mae": float(np.mean(np.abs(errors))),
-        "r2": float(1 - np.mean(errors**2) / variance) if variance else 0.0,
-    }
+            labels = batch.pop(spec.label.name).numpy()
+            metrics.update(labels, np.asarray(model(batch, training=False)))
+    return {"records": metrics.records, **metrics.result()}
 
 
 def blessing_failures(spec: PipelineSpec, metrics: dict) -> list[str]:
@@ -117,13 +153,13 @@ def evaluate_model(
         return _result(metrics_uri, previous, rewritten=False)
 
     _, model = load_inference_model(model_uri, state_uri)
-    labels, predictions = predict_split(model, shards_manifest_uri, "test", spec.label.name)
-    metrics = task_metrics(spec, labels, predictions)
+    metrics = evaluate_split(spec, model, shards_manifest_uri)
+    records = metrics.pop("records")
     failures = blessing_failures(spec, metrics)
     report = {
         "dataset": spec.name,
         "split": "test",
-        "records": int(len(labels)),
+        "records": records,
         "metrics": metrics,
         "thresholds": {"min": spec.evaluation.min, "max": spec.evaluation.max},
         "blessed": not failures,
@@ -133,7 +169,7 @@ def evaluate_model(
     }
     write_json(metrics_uri, report)
     headline = {k: v for k, v in metrics.items() if isinstance(v, float)}
-    log.info("Test metrics on %d rows: %s; %s", len(labels), headline, "blessed" if not failures else failures)
+    log.info("Test metrics on %d rows: %s; %s", records, headline, "blessed" if not failures else failures)
     return _result(metrics_uri, report, rewritten=True)
 
 
