@@ -19,7 +19,7 @@ class EvaluateModelOperator(ShardlineOperator):
             result = evaluate_model(
                 spec,
                 model_uri=join(layout.run_dir, "train", "training_model.keras"),
-                state_uri=join(layout.preprocessing, "state.json"),
+                state_uri=join(layout.run_dir, "train", "state.json"),  # the state the model was trained with
                 shards_manifest_uri=join(layout.shards, "manifest.json"),
                 output_uri=join(layout.run_dir, "evaluate"),
             )

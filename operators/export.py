@@ -26,7 +26,7 @@ class ExportServingModelOperator(ShardlineOperator):
         args = ExportArgs(
             spec=spec,
             model_uri=join(layout.run_dir, "train", "training_model.keras"),
-            state_uri=join(layout.preprocessing, "state.json"),
+            state_uri=join(layout.run_dir, "train", "state.json"),  # the state the model was trained with
             shards_manifest_uri=join(layout.shards, "manifest.json"),
             metrics_uri=join(layout.run_dir, "evaluate", "metrics.json"),
             serving_uri=layout.serving,

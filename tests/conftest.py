@@ -150,10 +150,10 @@ def penguins_pipeline(tmp_path_factory, penguins_spec):
     run.adapt = adapt_preprocessing(spec, run.shard.manifest_uri, layout.preprocessing)
     run.train = train_model(TrainArgs(spec, run.shard.manifest_uri, run.adapt.state_uri, layout.run_dir + "/train"))
     run.evaluate = evaluate_model(
-        spec, run.train.model_uri, run.adapt.state_uri, run.shard.manifest_uri, layout.run_dir + "/evaluate"
+        spec, run.train.model_uri, run.train.state_uri, run.shard.manifest_uri, layout.run_dir + "/evaluate"
     )
     run.export = export_model(
-        ExportArgs(spec, run.train.model_uri, run.adapt.state_uri, run.shard.manifest_uri,
+        ExportArgs(spec, run.train.model_uri, run.train.state_uri, run.shard.manifest_uri,
                    run.evaluate.metrics_uri, layout.serving, 1764028800)
     )
     return run

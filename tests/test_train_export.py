@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from tfjobs.evaluate import evaluate_model
 from tfjobs.export import ExportArgs, NotBlessedError, export_model, published_versions
 from tfjobs.storage.store import read_json, store_for, write_json
 from tfjobs.train import TrainArgs, train_model
@@ -146,3 +147,52 @@ def test_predict_cli_loads_the_newest_version(penguins_pipeline):
     result = json.loads(completed.stdout)
     assert result["version"] == penguins_pipeline.export.version
     assert [p["classes"] for p in result["predictions"][:3]] == ["Adelie", "Chinstrap", "Gentoo"]
+
+
+def test_a_rerun_of_the_date_with_other_data_cannot_be_paired_with_the_first_runs_model(penguins_spec, tmp_path):
+    """Train and evaluate run 1; run 2 of the same date re-fetches other data (rewriting the partition's shards
+    and state); evaluate and export of run 1, retried, refuse instead of pairing its weights with new inputs."""
+    import dataclasses
+
+    import palmerpenguins
+
+    from tfjobs.adapt import adapt_preprocessing
+    from tfjobs.evaluate import InputMismatchError
+    from tfjobs.fetch import fetch_dataset
+    from tfjobs.shard import shard_dataset
+    from tfjobs.spec import EvaluationSpec
+    from tfjobs.storage.layout import Layout
+    from tfjobs.validate import validate_dataset
+
+    spec = dataclasses.replace(penguins_spec, evaluation=EvaluationSpec())  # blessed whatever the accuracy
+    first, second = (Layout(str(tmp_path / "store"), spec.name, "2026-11-25", run=r) for r in ("r1", "r2"))
+
+    def data_steps(layout, source):
+        fetch_dataset(spec, layout.raw, source_uri=source)
+        validate_dataset(spec, layout.raw, layout.validated)
+        shards = shard_dataset(spec, layout.validated, layout.shards)
+        return shards, adapt_preprocessing(spec, shards.manifest_uri, layout.preprocessing)
+
+    frame = palmerpenguins.load_penguins()
+    frame.to_csv(tmp_path / "day.csv", index=False)
+    frame.iloc[60:].to_csv(tmp_path / "corrected.csv", index=False)
+    shards, adapted = data_steps(first, str(tmp_path / "day.csv"))
+    trained = train_model(TrainArgs(spec, shards.manifest_uri, adapted.state_uri, first.run_dir + "/train",
+                                    hyperparameters={"epochs": 2}))
+    assert read_json(trained.state_uri) == read_json(adapted.state_uri)  # the run keeps its own copy
+    evaluated = evaluate_model(spec, trained.model_uri, trained.state_uri, shards.manifest_uri,
+                               first.run_dir + "/evaluate")
+    assert evaluated.blessed
+
+    data_steps(second, str(tmp_path / "corrected.csv"))  # the same partition, other rows
+    assert read_json(trained.state_uri) != read_json(adapted.state_uri)  # the partition's state moved on
+    with pytest.raises(InputMismatchError, match=r"the shards manifest at .*manifest.json has SHA-256 .*, "
+                                                  r"the model was trained with"):
+        evaluate_model(spec, trained.model_uri, trained.state_uri, shards.manifest_uri, first.run_dir + "/evaluate2")
+    with pytest.raises(InputMismatchError, match=r"the shards manifest .* the blessing in .*metrics.json was for"):
+        export_model(ExportArgs(spec, trained.model_uri, trained.state_uri, shards.manifest_uri,
+                                evaluated.metrics_uri, first.serving, 1764028800))
+    # Pairing the model with the partition's new state is refused too, naming the state.
+    with pytest.raises(InputMismatchError, match=r"the state at .*preprocessing.*state.json has SHA-256"):
+        export_model(ExportArgs(spec, trained.model_uri, adapted.state_uri, shards.manifest_uri,
+                                evaluated.metrics_uri, first.serving, 1764028800))

@@ -1,7 +1,11 @@
 """Evaluate the model that would be exported on the test split, and bless it or not.
 
 The model evaluated is the inference model: the adapted preprocessing plus the
-trained model, fed raw test rows, exactly what the export step writes. Metrics
+trained model, fed raw test rows, exactly what the export step writes. A run binds
+its inputs: the state is the run's copy (``train/state.json``), and evaluate refuses
+shards or a state other than those the model was trained on (another run of the same
+partition may have rewritten them); ``metrics.json`` records the SHA-256 of the model,
+the state and the shard manifest it blessed, which the export step checks. Metrics
 are in label units (class accuracy; dollars for a price). The spec's
 ``evaluation`` bounds decide the blessing, as TFX's Evaluator does; the export
 step publishes only a blessed model.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 
@@ -27,6 +32,31 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 BATCH_SIZE = 1024
+
+
+class InputMismatchError(ValueError):
+    """A model is paired with inputs (state, shards) other than those it was trained or blessed with."""
+
+
+def input_hashes(model_uri: str, state_uri: str, shards_manifest_uri: str) -> dict[str, str]:
+    """The SHA-256 of what a blessing binds together: the model file, its state, the shard manifest."""
+    return {
+        f"{name}_sha256": hashlib.sha256(store_for(uri).read_bytes(uri)).hexdigest()
+        for name, uri in (("model", model_uri), ("state", state_uri), ("shards_manifest", shards_manifest_uri))
+    }
+
+
+def check_inputs(expected: dict[str, str], actual: dict[str, str], uris: dict[str, str], what: str) -> None:
+    """Raise :class:`InputMismatchError` naming every input whose hash differs from ``expected``."""
+    mismatched = [f"the {name.replace('_', ' ')} at {uris[name]} has SHA-256 {actual[name + '_sha256'][:12]}..., "
+                  f"{what} {expected[name + '_sha256'][:12]}..."
+                  for name in uris if name + "_sha256" in expected
+                  and expected[name + "_sha256"] != actual[name + "_sha256"]]
+    if mismatched:
+        raise InputMismatchError(
+            "; ".join(mismatched) + ". Another run of this partition (a backfill, a re-trigger with another "
+            "source_uri, a spec edit) has rewritten them: re-run the whole date, train included."
+        )
 
 
 @dataclass(frozen=True)
@@ -142,10 +172,12 @@ def evaluate_model(
     for uri in (model_uri, state_uri, shards_manifest_uri):
         if not store_for(uri).exists(uri):
             raise FileNotFoundError(f"{uri} does not exist: run the earlier steps first")
-    fingerprint = hashlib.sha256(
-        b"".join(store_for(u).read_bytes(u) for u in (model_uri, state_uri, shards_manifest_uri))
-        + spec.fingerprint().encode()
-    ).hexdigest()
+    inputs = input_hashes(model_uri, state_uri, shards_manifest_uri)
+    training = read_json_if_exists(model_uri.rsplit("/", 1)[0] + "/training.json") or {}
+    if "inputs" in training:
+        check_inputs(training["inputs"], inputs, {"state": state_uri, "shards_manifest": shards_manifest_uri},
+                     "the model was trained with")
+    fingerprint = hashlib.sha256(json.dumps([inputs, spec.fingerprint()], sort_keys=True).encode()).hexdigest()
     metrics_uri = join(output_uri, METRICS_FILE)
     previous = read_json_if_exists(metrics_uri)
     if previous and previous["fingerprint"] == fingerprint:
@@ -165,6 +197,7 @@ def evaluate_model(
         "blessed": not failures,
         "failures": failures,
         "model": model_uri,
+        "inputs": {**inputs, "state": state_uri, "shards_manifest": shards_manifest_uri},
         "fingerprint": fingerprint,
     }
     write_json(metrics_uri, report)

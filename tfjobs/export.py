@@ -115,8 +115,12 @@ def export_model(args: ExportArgs) -> ExportResult:
     if args.version < 1:
         raise ValueError(f"A serving version must be a positive integer, got {args.version}")
 
-    from tfjobs.evaluate import load_inference_model
+    from tfjobs.evaluate import check_inputs, input_hashes, load_inference_model
 
+    # The blessing is for one model, with one state, on one shard set: refuse any other pairing.
+    check_inputs(evaluation.get("inputs", {}), input_hashes(args.model_uri, args.state_uri, args.shards_manifest_uri),
+                 {"model": args.model_uri, "state": args.state_uri, "shards_manifest": args.shards_manifest_uri},
+                 "the blessing in " + args.metrics_uri + " was for")
     training_model, inference_model = load_inference_model(args.model_uri, args.state_uri)
     fingerprint = weights_fingerprint(training_model)
     store = store_for(args.serving_uri)

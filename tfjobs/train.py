@@ -5,6 +5,7 @@ hyperparameter overrides, e.g. from Airflow Params). Outputs, under the run's
 ``train/`` prefix::
 
     training_model.keras     the trained model on encoded features
+    state.json               a copy of the preprocessing state it was trained with (evaluate and export use it)
     checkpoints/             best weights so far (ModelCheckpoint)
     tensorboard/             TensorBoard logs
     history.json             per-epoch metrics
@@ -50,12 +51,14 @@ from typing import Any
 
 from tfjobs import cli
 from tfjobs.spec import PipelineSpec, TrainingSpec, load_spec
-from tfjobs.storage.store import join, read_json, read_json_if_exists, staging_dir, store_for
+from tfjobs.storage.store import join, read_json_if_exists, staging_dir, store_for
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "training_model.keras"
 SUMMARY_FILE = "training.json"
+#: The preprocessing state the model was trained with, copied into the run: evaluate and export use this copy.
+STATE_FILE = "state.json"
 CACHE_LIMIT_BYTES = 2 << 30  # keep preprocessed rows in memory after the first epoch below this
 STACKED_STEPS = 32  # under JAX, training steps per compiled call (tfjobs.modeling.in_memory.scan_stacked_steps)
 
@@ -115,6 +118,7 @@ def cluster_task(tf_config: str | None = None) -> ClusterTask | None:
 @dataclass(frozen=True)
 class TrainResult:
     model_uri: str
+    state_uri: str  # the run's copy of the preprocessing state the model was trained with
     summary_uri: str
     tensorboard_uri: str
     model_kind: str
@@ -143,8 +147,20 @@ def train_model(args: TrainArgs) -> TrainResult:
     store = store_for(args.output_uri)
     if publishes:
         store.delete(summary_uri)
+    # The run keeps the state it trains with and the hash of the shards it reads: another run of the same
+    # partition may rewrite both, and evaluate and export must pair these weights with these inputs.
+    state_bytes = store_for(args.state_uri).read_bytes(args.state_uri)
+    inputs = {
+        "shards_manifest": args.shards_manifest_uri,
+        "shards_manifest_sha256": hashlib.sha256(store_for(args.shards_manifest_uri).read_bytes(
+            args.shards_manifest_uri)).hexdigest(),
+        "state": args.state_uri,
+        "state_sha256": hashlib.sha256(state_bytes).hexdigest(),
+    }
     with staging_dir() as tmp:
-        summary = _fit(spec, settings, kind, args, tmp)
+        (tmp / STATE_FILE).write_bytes(state_bytes)
+        summary = _fit(spec, settings, kind, args, tmp, json.loads(state_bytes))
+        summary["inputs"] = inputs
         summary["fingerprint"] = fingerprint
         summary["cluster_task"] = task.name if task else None
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -169,6 +185,7 @@ def _fingerprint(args: TrainArgs, settings: TrainingSpec, kind: str) -> str:
 def _result(output_uri: str, summary: dict, rewritten: bool) -> TrainResult:
     return TrainResult(
         model_uri=join(output_uri, MODEL_FILE),
+        state_uri=join(output_uri, STATE_FILE),
         summary_uri=join(output_uri, SUMMARY_FILE),
         tensorboard_uri=join(output_uri, "tensorboard"),
         model_kind=summary["model_kind"],
@@ -232,7 +249,7 @@ def compile_for_task(model, spec: PipelineSpec, settings: TrainingSpec) -> None:
     )
 
 
-def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs, out_dir) -> dict:
+def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs, out_dir, state: dict) -> dict:
     import keras
 
     from tfjobs.storage.input_pipeline import open_shards, training_batches
@@ -247,7 +264,6 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             "use loop=fit, or limit the task to one GPU (CUDA_VISIBLE_DEVICES) and one worker"
         )
     keras.utils.set_random_seed(settings.seed)
-    state = read_json(args.state_uri)
     preprocessor = FeaturePreprocessor(state)
 
     def fits_in_memory(shards) -> bool:
@@ -342,8 +358,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
         "best_epoch": best + 1,
         "metrics": {name: float(values[best]) for name, values in epochs.items()},
         "model_file": MODEL_FILE,
-        "shards_manifest": args.shards_manifest_uri,
-        "state": args.state_uri,
+        "state_file": STATE_FILE,
     }
 
 
