@@ -75,6 +75,49 @@ def test_saved_model_answers_raw_rows_in_a_fresh_process(penguins_pipeline):
     assert result["classes"][0] == "Adelie"
 
 
+SERVE_DIRTY_ROWS = """
+import json, sys
+import numpy as np, tensorflow as tf
+signatures = tf.saved_model.load(sys.argv[1]).signatures
+clean = dict(
+    bill_length_mm=tf.constant([39.1, np.nan, 50.0, np.nan]),
+    bill_depth_mm=tf.constant([18.7, np.nan, 15.2, 17.0]),
+    flipper_length_mm=tf.constant([181.0, 200.0, np.nan, np.nan]),
+    body_mass_g=tf.constant([3750.0, 4000.0, 5700.0, np.nan]),
+    island=tf.constant(["Torgersen", "Dream", "", ""]),
+    sex=tf.constant(["male", "", "female", ""]),
+    year=tf.constant([2007, 2008, -1, -1], tf.int64),
+)
+# The same rows as a CSV delivery might write them: whitespace around values, NA tokens for missing ones.
+dirty_text = dict(
+    bill_length_mm=tf.constant([" 39.1", "NA", "50.0 ", "null"]),
+    bill_depth_mm=tf.constant(["18.7\t", "", " 15.2", "17"]),
+    flipper_length_mm=tf.constant(["181", " 200.0 ", "N/A", "NaN"]),
+    body_mass_g=tf.constant(["3750", "4000", "\t5700", " None "]),
+    island=tf.constant([" Torgersen ", "Dream\t", "NA", " null"]),
+    sex=tf.constant(["male ", "", " female", "N/A"]),
+    year=tf.constant([" 2007", "2008.0", "NA", ""]),
+)
+# Typed values, with categories padded and NA tokens for missing ones.
+dirty_typed = dict(clean, island=tf.constant([" Torgersen", "Dream ", "NA", "null"]),
+                   sex=tf.constant(["\tmale", "None", "female ", " NA "]))
+out = {name: signatures[sig](**rows)["probabilities"].numpy().tolist() for name, sig, rows in (
+    ("clean", "serving_default", clean), ("text", "serving_raw", dirty_text),
+    ("typed", "serving_default", dirty_typed))}
+print(json.dumps(out))
+"""
+
+
+def test_the_served_model_cleans_raw_values_as_validate_does(penguins_pipeline):
+    """Whitespace and NA-token variants of every feature give exactly the predictions of the clean values."""
+    version_dir = store_for("/").local_path(penguins_pipeline.export.version_uri)
+    completed = subprocess.run([sys.executable, "-c", SERVE_DIRTY_ROWS, str(version_dir)],
+                               capture_output=True, text=True, check=True)
+    result = json.loads(completed.stdout)
+    assert result["text"] == result["clean"]
+    assert result["typed"] == result["clean"]
+
+
 def test_keras_file_reloads_with_identical_predictions(penguins_pipeline):
     import keras
     import tensorflow as tf
