@@ -152,12 +152,13 @@ class HashedStatistics(Statistics):
         self.feature = feature
         self.bins = np.zeros(feature.options.num_bins, np.int64)
         self.rows = 0
+        self.hashing = feature.hashing_layer()  # the encoder's own hash, so the counts are its bins
 
     def update(self, values) -> None:
         import tensorflow as tf
 
         self.rows += len(values)
-        hashing = self.feature.hashing_layer()
+        hashing = self.hashing
         tokens = [t for value in np.asarray(values).tolist() for t in self.feature.tokens(value)]
         if tokens:
             indices = np.asarray(hashing(tf.constant(tokens, dtype=self.feature.tensor_dtype)))
