@@ -113,13 +113,11 @@ class AllowedSources:
     def _connect(self, url: str, address, timeout, source_address=None, **kwargs) -> socket.socket:
         """``socket.create_connection`` for ``url``: every address the host resolves to is checked first."""
         host, port = address
-        target = urllib.parse.urlsplit(url).hostname
-        # Through the environment's proxy, the proxy resolves the name: check what it resolves to here, at least.
-        checked = target if host != target else host
-        resolved = list(dict.fromkeys(info[4][0] for info in socket.getaddrinfo(checked, port, type=socket.SOCK_STREAM)))
+        target = urllib.parse.urlsplit(url).hostname or host
+        resolved = list(dict.fromkeys(info[4][0] for info in socket.getaddrinfo(target, port, type=socket.SOCK_STREAM)))
         for ip in resolved:
             self.check_address(url, ip)
-        if host != target:
+        if host.lower() != target:  # the environment's proxy, which resolves the name itself: checked here at least
             return socket.create_connection(address, timeout, source_address, **kwargs)
         error: OSError | None = None
         for ip in resolved:  # connect to the checked addresses, not to the name again
