@@ -45,9 +45,12 @@ demo: $(AIRFLOW_HOME)/airflow.db
 	@$(BIN)/python -m tfjobs.report --log-level WARNING --spec include/penguins.yaml --store $(DEMO)/store \
 	  --instances include/penguins_request.json 2>>$(DEMO)/demo.log
 
-# The same DAGs, store and database in the Airflow UI (http://localhost:8080).
+# The same DAGs, store and database in the Airflow UI (http://localhost:8080), for one person on this
+# machine: Airflow's simple auth manager (docker-compose.yaml, for a team, uses the FAB auth manager).
 airflow: $(AIRFLOW_HOME)/airflow.db $(DEMO)/jwt_secret
-	AIRFLOW__API_AUTH__JWT_SECRET=$$(cat $(DEMO)/jwt_secret) $(BIN)/airflow standalone
+	AIRFLOW__API_AUTH__JWT_SECRET=$$(cat $(DEMO)/jwt_secret) \
+	  AIRFLOW__CORE__AUTH_MANAGER=airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager \
+	  $(BIN)/airflow standalone
 
 test: $(VENV)/.installed-tests
 	$(BIN)/python -m pytest -c tests/pytest.ini tests

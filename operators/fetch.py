@@ -3,11 +3,13 @@ from __future__ import annotations
 import urllib.parse
 from collections.abc import Sequence
 
-from airflow.sdk import BaseHook
+from airflow.sdk import BaseHook, conf
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, AirflowRescheduleException
 
-from operators.base import ShardlineOperator
+from operators.base import CONFIG_SECTION, ShardlineOperator
 from operators.links import StoreLink
+
+ALLOWED_SOURCES_SETTING = f"[{CONFIG_SECTION}] allowed_source_prefixes (AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES)"
 
 
 class FetchDatasetOperator(ShardlineOperator):
@@ -21,7 +23,9 @@ class FetchDatasetOperator(ShardlineOperator):
     :param source_uri: fetch this CSV (path, ``file://``, ``http(s)://``, ``s3://``) instead of
         the spec's source (templated). ``{partition}`` in it becomes the partition, so that each
         run fetches its day's delivery from a landing prefix: ``s3://landing/penguins-{partition}.csv``.
-        A URI with credentials (``user:password@``) is refused: use ``source_conn_id``.
+        A URI with credentials (``user:password@``) is refused: use ``source_conn_id``. Only the
+        store, the spec's own source and the prefixes in ``[shardline] allowed_source_prefixes``
+        may be read (see :mod:`tfjobs.allowed_sources`); anything else fails before a byte is read.
     :param source_conn_id: an Airflow HTTP connection whose login and password authenticate to
         an http(s) source (Basic auth); they are sent to the connection's host only (templated).
     :param deadline: how long after the end of the partition's day (UTC) its delivery may come
@@ -62,6 +66,7 @@ class FetchDatasetOperator(ShardlineOperator):
                 result = fetch_dataset(
                     spec, layout.raw, partition=self.partition, source_uri=self.source_uri,
                     deadline=self.deadline, poke_interval=self.poke_interval, auth=self.source_auth(),
+                    allowed=allowed_sources(layout.root),
                 )
             except DeliveryPending as pending:
                 self.log.info("%s", pending)
@@ -94,3 +99,12 @@ class FetchDatasetOperator(ShardlineOperator):
         if connection.port and parts.port is None:
             base = f"{parts.scheme}://{parts.hostname}:{connection.port}"
         return SourceAuth.basic(base, connection.login or "", connection.password or "")
+
+
+def allowed_sources(store_root: str):
+    """What a run may fetch: the store, the prefixes in ``[shardline] allowed_source_prefixes``
+    (commas or whitespace between them) and, added by the fetch, the spec's own source."""
+    from tfjobs.allowed_sources import AllowedSources
+
+    configured = conf.get(CONFIG_SECTION, "allowed_source_prefixes", fallback="") or ""
+    return AllowedSources.parse(configured, ALLOWED_SOURCES_SETTING, always=(store_root,))

@@ -64,7 +64,8 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
             description="Fetch this CSV (path, file://, http(s)://, s3://) instead of the spec's source; "
             "empty for the spec's. {partition} in it becomes the run's date, to read one delivery per day "
             "from a landing prefix: s3://landing/housing/{partition}.csv; the fetch waits for a late delivery "
-            "until its deadline. No user:password@ in it: name an HTTP connection in Source connection.",
+            "until its deadline. No user:password@ in it: name an HTTP connection in Source connection. "
+            "Only the store, the spec's own source and [shardline] allowed_source_prefixes may be fetched.",
         ),
         "source_conn_id": Param(
             "", type=["null", "string"], title="Source connection",

@@ -14,12 +14,16 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 HOUSING_CSV = SHARED / "datasets" / "housing" / "housing.csv"
+# What the tests fetch through Airflow besides the store: the shared datasets and the files they write
+# in temporary directories ([shardline] allowed_source_prefixes; the default allows neither).
+TEST_SOURCE_PREFIXES = f"{SHARED / 'datasets'} {tempfile.gettempdir()}"
 
 # Before anything imports Airflow: a throwaway AIRFLOW_HOME, and the project on sys.path.
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="shardline-airflow-"))
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES"] = TEST_SOURCE_PREFIXES
 sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
@@ -65,6 +69,7 @@ def airflow_dags_test(home: Path, dag_id: str, dags_folder: Path = ROOT / "dags"
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__SHARDLINE__STORE_URI": str(store),
+        "AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES": TEST_SOURCE_PREFIXES,
         "PYTHONPATH": str(ROOT),
     }
     airflow_bin = str(Path(sys.executable).parent / "airflow")

@@ -3,11 +3,13 @@
 PostgreSQL and Redis from Debian's packages, then Airflow's ``api-server``,
 ``scheduler``, ``dag-processor``, ``triggerer`` and two ``celery worker``\\ s: one for
 the default queue and one for the ``gpu`` queue (concurrency 1), with the
-CeleryExecutor, one shared JWT secret, everything on 127.0.0.1 on free ports and
-every file in one temporary directory. Each Celery worker runs in a UTS namespace
+CeleryExecutor, one shared JWT secret, the FAB auth manager with an admin, an
+operator (FAB's ``Op`` role) and a viewer (``Viewer``), everything on 127.0.0.1 on
+free ports and every file in one temporary directory. Each Celery worker runs in a UTS namespace
 of its own with its own host name, as it would in its own container, so the API
 tells which worker ran a task. Until the S3 backend lands, the object store is a
-local directory (all processes share this machine).
+local directory (all processes share this machine). Runs may fetch from the store and
+from ``<root>/landing`` ([shardline] allowed_source_prefixes).
 
 :class:`ServiceStack` starts it and stops every process it started, by process
 group id, whatever happens. To look around by hand::
@@ -18,7 +20,6 @@ group id, whatever happens. To look around by hand::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -37,7 +38,10 @@ from processes import free_ports, stop_process_group, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
-ADMIN = "admin"
+ADMIN, OPERATOR, VIEWER = "admin", "operator", "viewer"
+#: Each user's FAB role, as docker-compose.yaml's README table gives them: the admin is created at init.
+ROLES = {ADMIN: "Admin", OPERATOR: "Op", VIEWER: "Viewer"}
+FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
 DEFAULT_QUEUE = "default"
 GPU_QUEUE = "gpu"
 CPU_WORKER_HOST = "shardline-cpu-worker"
@@ -88,7 +92,9 @@ class ServiceStack:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
         self.postgres_port, self.redis_port, self.api_port, self.triggerer_log_port = free_ports(4)
-        self.password = secrets.token_urlsafe(12)
+        self.passwords = {user: secrets.token_urlsafe(12) for user in ROLES}
+        self.password = self.passwords[ADMIN]
+        self.landing = self.root / "landing"
         self.jwt_secret = secrets.token_urlsafe(32)  # one secret for every component
         self.url = f"http://127.0.0.1:{self.api_port}"
         self._postgres_dir: Path | None = None
@@ -97,7 +103,6 @@ class ServiceStack:
     @property
     def env(self) -> dict[str, str]:
         database = f"airflow@127.0.0.1:{self.postgres_port}/airflow"
-        passwords = self.home / "simple_auth_manager_passwords.json"
         return {
             **os.environ,
             "AIRFLOW_HOME": str(self.home),
@@ -112,11 +117,11 @@ class ServiceStack:
             "AIRFLOW__API__PORT": str(self.api_port),
             "AIRFLOW__API__BASE_URL": self.url,
             "AIRFLOW__API_AUTH__JWT_SECRET": self.jwt_secret,
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN}:admin",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+            "AIRFLOW__CORE__AUTH_MANAGER": FAB_AUTH_MANAGER,
             "AIRFLOW__OPERATORS__DEFAULT_QUEUE": DEFAULT_QUEUE,
             "AIRFLOW__SHARDLINE__GPU_QUEUE": GPU_QUEUE,
             "AIRFLOW__SHARDLINE__STORE_URI": self.store_uri,
+            "AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES": str(self.landing),
             "AIRFLOW__LOGGING__TRIGGERER_LOG_SERVER_PORT": str(self.triggerer_log_port),
             # Active at once, and no daily run of its own: the runs are the ones the tests start.
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
@@ -129,7 +134,6 @@ class ServiceStack:
     # -- starting and stopping ----------------------------------------------------------------
     def start(self) -> ServiceStack:
         ensure_debian_packages()
-        (self.home / "simple_auth_manager_passwords.json").write_text(json.dumps({ADMIN: self.password}))
         self._start_postgres()
         self._start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(self.redis_port), "--save", "",
                               "--appendonly", "no", "--dir", str(self.root)])
@@ -138,6 +142,13 @@ class ServiceStack:
         (self.logs / "db-migrate.log").write_text(migrate.stdout + migrate.stderr)
         if migrate.returncode != 0:
             raise RuntimeError(f"airflow db migrate failed:\n{migrate.stderr[-3000:]}")
+        # The first admin, as docker-compose.yaml's airflow-init creates it.
+        admin = subprocess.run([AIRFLOW, "users", "create", "--role", ROLES[ADMIN], "--username", ADMIN,
+                                "--password", self.password, "--firstname", "Shardline", "--lastname", "Admin",
+                                "--email", f"{ADMIN}@example.com"], env=self.env, capture_output=True, text=True)
+        (self.logs / "users-create.log").write_text(admin.stdout + admin.stderr)
+        if admin.returncode != 0:
+            raise RuntimeError(f"airflow users create failed:\n{admin.stderr[-3000:]}")
         self._start("api-server", [AIRFLOW, "api-server", "--host", "127.0.0.1", "--port", str(self.api_port),
                                    "--workers", "1"])
         self._start("scheduler", [AIRFLOW, "scheduler"])
@@ -149,7 +160,20 @@ class ServiceStack:
                  f"{self.logs})", interval_s=2)
         for name in ("cpu-worker", "gpu-worker"):
             wait_for(lambda name=name: "ready." in self.log(name), 180, f"the Celery {name} (log {self.logs})", 2)
+        self._add_users()
         return self
+
+    def _add_users(self) -> None:
+        """The operator and the viewer, added by the admin as a person would (FAB's users API, as the UI does)."""
+        with self.api() as admin:
+            for user, role in ROLES.items():
+                if user == ADMIN:
+                    continue
+                response = admin.post(f"{self.url}/auth/fab/v1/users", json={
+                    "username": user, "password": self.passwords[user], "email": f"{user}@example.com",
+                    "first_name": user.title(), "last_name": "Shardline", "roles": [{"name": role}]})
+                if response.status_code != 200:
+                    raise RuntimeError(f"Could not add the user {user}: HTTP {response.status_code} {response.text}")
 
     def stop(self) -> None:
         """Stop every process this stack started, newest first, each by its process group id."""
@@ -236,9 +260,9 @@ class ServiceStack:
         return (self.logs / f"{name}.log").read_text(errors="replace")
 
     # -- the REST API ------------------------------------------------------------------------
-    def api(self) -> httpx.Client:
-        """A client for ``/api/v2`` with a JWT from ``POST /auth/token`` (the simple auth manager's login)."""
-        response = httpx.post(f"{self.url}/auth/token", json={"username": ADMIN, "password": self.password},
+    def api(self, user: str = ADMIN) -> httpx.Client:
+        """A client for ``/api/v2`` as ``user``, with a JWT from ``POST /auth/token`` (the FAB auth manager's login)."""
+        response = httpx.post(f"{self.url}/auth/token", json={"username": user, "password": self.passwords[user]},
                               timeout=30)
         response.raise_for_status()
         token = response.json()["access_token"]
@@ -249,7 +273,8 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop everything on SIGTERM too
     root = Path(tempfile.mkdtemp(prefix="shardline-service-"))
     with ServiceStack(root, store_uri=str(root / "store")) as stack:
-        print(f"Airflow UI and API: {stack.url}  (user {ADMIN}, password {stack.password})")
+        for user, role in ROLES.items():
+            print(f"Airflow UI and API: {stack.url}  (user {user}, role {role}, password {stack.passwords[user]})")
         print(f"Logs: {stack.logs}; store: {stack.store_uri}. Ctrl-C stops every process.")
         with contextlib.suppress(KeyboardInterrupt):
             while True:

@@ -147,3 +147,39 @@ def test_compose_parser_rejects_an_unknown_option(tmp_path):
     (tmp_path / "docker-compose.yaml").write_text(broken)
     completed = compose_config(example_env(), tmp_path, tmp_path / "docker-compose.yaml")
     assert completed.returncode != 0 and "comand" in completed.stderr
+
+
+def test_users_log_in_through_the_fab_auth_manager_with_the_admin_from_env(compose):
+    import importlib
+
+    from airflow.api_fastapi.auth.managers.base_auth_manager import BaseAuthManager
+
+    from service_stack import FAB_AUTH_MANAGER
+
+    config, env = compose
+    for name in AIRFLOW_SERVICES:
+        environment = config["services"][name]["environment"]
+        assert environment["AIRFLOW__CORE__AUTH_MANAGER"] == FAB_AUTH_MANAGER, name
+        assert not [key for key in environment if "SIMPLE_AUTH_MANAGER" in key], name
+    module, _, name = FAB_AUTH_MANAGER.rpartition(".")
+    assert issubclass(getattr(importlib.import_module(module), name), BaseAuthManager)
+    assert re.search(r"^apache-airflow-providers-fab==\S+$", (ROOT / "requirements.txt").read_text(), re.M)
+    init = config["services"]["airflow-init"]
+    script = " ".join(command(init)).replace("$$", "$").replace("\\\n", " ")
+    assert re.search(r'airflow users create --role Admin --username "\$\{_AIRFLOW_ADMIN_USER\}"\s+'
+                     r'--password "\$\{_AIRFLOW_ADMIN_PASSWORD\}"', script), script
+    assert (init["environment"]["_AIRFLOW_ADMIN_USER"], init["environment"]["_AIRFLOW_ADMIN_PASSWORD"]) == (
+        env["AIRFLOW_ADMIN_USER"], env["AIRFLOW_ADMIN_PASSWORD"])
+    # The embedded Airflow of `make airflow` stays on the simple auth manager, for one person on a laptop.
+    made = subprocess.run(["make", "-n", "airflow"], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "AIRFLOW__CORE__AUTH_MANAGER=airflow.api_fastapi.auth.managers.simple.simple_auth_manager." in made
+
+
+def test_the_allowed_source_prefixes_come_from_env(compose, tmp_path):
+    config, _ = compose
+    assert config["services"]["airflow-worker"]["environment"]["AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES"]
+    env = {**example_env(), "SHARDLINE_ALLOWED_SOURCE_PREFIXES": ""}
+    completed = compose_config(env, tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    workers = yaml.safe_load(completed.stdout)["services"]
+    assert workers["airflow-worker"]["environment"]["AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES"] in ("", None)

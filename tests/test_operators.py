@@ -150,6 +150,7 @@ def test_no_delivery_by_the_deadline_fails_naming_the_deadline(tmp_path):
 def test_source_conn_id_authenticates_every_poke_and_the_download(tmp_path, monkeypatch):
     with loopback_http() as server:
         host, port = server.url("/").split("/")[2].split(":")
+        monkeypatch.setenv("AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES", server.url("/"))
         monkeypatch.setenv("AIRFLOW_CONN_LANDING_HTTP", json.dumps(
             {"conn_type": "http", "host": host, "port": int(port), "login": "shardline", "password": "s3cret"}))
         operator = landing_fetch(tmp_path, server.url("/penguins-{partition}.csv"), source_conn_id="landing_http",

@@ -1,16 +1,18 @@
 """Shardline as a service on this machine: a real scheduler, Celery workers, the REST API, the UI and a backfill.
 
 One stack for the module (see ``service_stack.py``): PostgreSQL, Redis, the
-api-server, scheduler, dag-processor, triggerer, a CPU Celery worker on the
-default queue and a GPU Celery worker on ``gpu``. The tests drive it the way
-users do: a backfill of three days, a run triggered through the REST API with
-the request the UI's trigger form sends, and the trigger form itself in headless
-Chromium. The screenshot and the stack's logs are kept under ``tests/artifacts/``.
+api-server (FAB auth manager), scheduler, dag-processor, triggerer, a CPU Celery
+worker on the default queue and a GPU Celery worker on ``gpu``. The tests drive it
+the way users do: a backfill of three days, a run triggered by an operator through
+the REST API with the request the UI's trigger form sends, a viewer refused a
+trigger, sources outside the allow-list refused at fetch, and the trigger form
+itself in headless Chromium. The screenshot and the stack's logs are kept under ``tests/artifacts/``.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shutil
 import tempfile
@@ -22,7 +24,7 @@ import pytest
 
 from conftest import ROOT
 from processes import wait_for
-from service_stack import ADMIN, CPU_WORKER_HOST, GPU_QUEUE, GPU_WORKER_HOST, ServiceStack
+from service_stack import ADMIN, CPU_WORKER_HOST, GPU_QUEUE, GPU_WORKER_HOST, OPERATOR, VIEWER, ServiceStack
 from tfjobs.export import published_versions
 from tfjobs.storage.store import read_json
 
@@ -56,6 +58,27 @@ def stack(tmp_path_factory):
 def api(stack):
     with stack.api() as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def operator_api(stack):
+    with stack.api(OPERATOR) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def viewer_api(stack):
+    with stack.api(VIEWER) as client:
+        yield client
+
+
+def trigger_request(api, **changes) -> dict:
+    """The request the UI's trigger form sends: every Param's value, some changed, and a logical date."""
+    params = api.get(f"/dags/{DAG}/details").json()["params"]
+    conf = {name: param["value"] for name, param in params.items()}
+    logical_date = changes.pop("logical_date", datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0))
+    return {"conf": {**conf, **changes}, "logical_date": logical_date.isoformat(), "data_interval_start": None,
+            "data_interval_end": None, "partition_key": None}
 
 
 def finished_run(api, run_id: str, timeout_s: float = RUN_TIMEOUT_S) -> dict:
@@ -99,11 +122,11 @@ def daily_deliveries(landing: Path, days: list[datetime.date]) -> str:
     return str(landing / "penguins-{partition}.csv")
 
 
-def test_backfill_of_three_days_publishes_three_versions_and_serves_the_newest(stack, api):
+def test_backfill_of_three_days_publishes_three_versions_and_serves_the_newest(stack, api, operator_api):
     today = datetime.datetime.now(datetime.timezone.utc).date()
     days = [today - datetime.timedelta(days=n) for n in (6, 5, 4)]
-    source_uri = daily_deliveries(Path(stack.root) / "landing", days)
-    response = api.post("/backfills", json={
+    source_uri = daily_deliveries(stack.landing, days)
+    response = operator_api.post("/backfills", json={
         "dag_id": DAG, "from_date": f"{days[0]}T00:00:00Z", "to_date": f"{days[-1]}T00:00:00Z",
         "max_active_runs": 3, "reprocess_behavior": "none", "run_backwards": False,
         "dag_run_conf": {"source_uri": source_uri},
@@ -133,20 +156,12 @@ def test_backfill_of_three_days_publishes_three_versions_and_serves_the_newest(s
     wait_for(lambda: api.get(f"/backfills/{backfill_id}").json()["completed_at"], 120, "the backfill to complete")
 
 
-def test_rest_api_trigger_routes_training_to_the_gpu_worker_and_applies_the_param(stack, api):
-    # The request the UI's trigger form sends: every Param's value, one of them changed, and a logical date.
-    params = api.get(f"/dags/{DAG}/details").json()["params"]
-    conf = {name: param["value"] for name, param in params.items()}
-    assert conf["epochs"] != 6
-    conf["epochs"] = 6
-    logical_date = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-    response = api.post(f"/dags/{DAG}/dagRuns", json={
-        "conf": conf, "logical_date": logical_date.isoformat(), "data_interval_start": None,
-        "data_interval_end": None, "partition_key": None,
-    })
+def test_rest_api_trigger_routes_training_to_the_gpu_worker_and_applies_the_param(stack, api, operator_api):
+    assert api.get(f"/dags/{DAG}/details").json()["params"]["epochs"]["value"] != 6
+    response = operator_api.post(f"/dags/{DAG}/dagRuns", json=trigger_request(operator_api, epochs=6))
     assert response.status_code == 200, response.text
     run = finished_run(api, response.json()["dag_run_id"])
-    assert run["conf"]["epochs"] == 6
+    assert run["conf"]["epochs"] == 6 and run["triggering_user_name"] == OPERATOR
 
     tis = task_instances(api, run["dag_run_id"])
     assert (tis["train"]["queue"], tis["train"]["hostname"]) == (GPU_QUEUE, GPU_WORKER_HOST)
@@ -166,6 +181,45 @@ def test_rest_api_trigger_routes_training_to_the_gpu_worker_and_applies_the_para
     for url in links.values():
         assert Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).exists(), url
     assert links["TensorBoard logs"].startswith(Path(stack.store_uri).as_uri() + f"/runs/{DAG}/")
+
+
+def test_a_viewer_reads_but_is_refused_a_trigger_and_a_backfill(viewer_api):
+    assert viewer_api.get(f"/dags/{DAG}").status_code == 200
+    assert viewer_api.get(f"/dags/{DAG}/dagRuns").status_code == 200
+    response = viewer_api.post(f"/dags/{DAG}/dagRuns", json=trigger_request(viewer_api))
+    assert response.status_code == 403, response.text
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    response = viewer_api.post("/backfills", json={"dag_id": DAG, "from_date": f"{today}T00:00:00Z",
+                                                   "to_date": f"{today}T00:00:00Z"})
+    assert response.status_code == 403, response.text
+    runs = viewer_api.get(f"/dags/{DAG}/dagRuns").json()["dag_runs"]
+    assert not [run for run in runs if run["triggering_user_name"] == VIEWER]
+
+
+def test_a_triggered_source_outside_the_allow_list_fails_at_fetch_and_nothing_lands(stack, api, operator_api):
+    escaping = f"{stack.landing}/{{partition}}" + "/.." * 40 + "/etc/passwd"
+    sources = ["/etc/passwd", "file:///etc/passwd", "http://169.254.169.254/latest/meta-data/", escaping]
+    first_day = datetime.date(2026, 1, 1)
+    run_ids = {}
+    for n, source in enumerate(sources):
+        day = first_day + datetime.timedelta(days=n)
+        request = trigger_request(operator_api, source_uri=source, logical_date=datetime.datetime(
+            day.year, day.month, day.day, tzinfo=datetime.timezone.utc))
+        response = operator_api.post(f"/dags/{DAG}/dagRuns", json=request)
+        assert response.status_code == 200, response.text
+        run_ids[source] = (day, response.json()["dag_run_id"])
+    for source, (day, run_id) in run_ids.items():
+        run = wait_for(lambda run_id=run_id: (lambda r: r if r["state"] in ("success", "failed") else None)(
+            api.get(f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}").json()), RUN_TIMEOUT_S, run_id, 3)
+        tis = task_instances(api, run_id)
+        assert (run["state"], tis["fetch"]["state"], tis["fetch"]["try_number"]) == ("failed", "failed", 1), source
+        assert {tis[t]["state"] for t in tis if t != "fetch"} == {"upstream_failed"}, source
+        log = json.dumps(api.get(f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/fetch/logs/1",
+                                 params={"full_content": True}).json())
+        assert "is not under any allowed source prefix, so nothing was read from it" in log, (source, log[-3000:])
+        assert "AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES" in log, source
+        assert not (Path(stack.store_uri) / "raw" / DAG / str(day)).exists(), source
+    assert "root:" not in "".join(p.read_text(errors="replace") for p in Path(stack.store_uri).rglob("*.csv"))
 
 
 def test_ui_trigger_form_starts_a_run_that_succeeds(stack, api):

@@ -75,7 +75,8 @@ def load_inference_model(model_uri: str, state_uri: str):
     from tfjobs.features.preprocessing import build_inference_model
 
     with local_copy(model_uri) as path:
-        training_model = keras.saving.load_model(path)
+        # safe_mode: a model file from the store cannot run code (a Lambda layer's bytecode) when it loads.
+        training_model = keras.saving.load_model(path, safe_mode=True)
     return training_model, build_inference_model(read_json(state_uri), training_model)
 
 

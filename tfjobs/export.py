@@ -268,8 +268,8 @@ def check_serving_skew(
     if not np.isfinite(expected).all():
         raise ServingSkewError("The training pipeline predicts non-finite values for some test or edge rows")
 
-    np.savez(tmp / "rows.npz", **rows)
-    np.savez(tmp / "texts.npz", **text_rows(state, rows))
+    np.savez(tmp / "rows.npz", **_without_objects(rows))
+    np.savez(tmp / "texts.npz", **_without_objects(text_rows(state, rows)))
     np.save(tmp / "expected.npy", expected)
     output = "probabilities" if spec.label.task == "classification" else "predictions"
     completed = subprocess.run(
@@ -287,6 +287,12 @@ def check_serving_skew(
     return max(report["max_abs_diff"], report["max_abs_diff_text"])
 
 
+def _without_objects(columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """String columns (object arrays) as fixed-width UTF-8 bytes: an .npz of them loads without unpickling."""
+    utf8 = np.frompyfunc(lambda v: v if isinstance(v, bytes) else str(v).encode(), 1, 1)
+    return {name: utf8(values).astype(bytes) if values.dtype == object else values for name, values in columns.items()}
+
+
 def _check_main(args) -> int:
     """Run in a fresh process: load the SavedModel, predict typed rows and their CSV text, compare."""
     import tensorflow as tf
@@ -297,7 +303,7 @@ def _check_main(args) -> int:
     failed = False
     for key, signature, path in (("max_abs_diff", "serving_default", args.rows),
                                  ("max_abs_diff_text", RAW_SIGNATURE, args.texts)):
-        rows = dict(np.load(path, allow_pickle=True))
+        rows = dict(np.load(path))
         serve = loaded.signatures[signature]
         actual = serve(**{name: tf.constant(values) for name, values in rows.items()})[args.output_name].numpy()
         diff = float(np.abs(actual - expected).max()) if actual.shape == expected.shape else float("inf")

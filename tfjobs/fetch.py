@@ -24,6 +24,12 @@ Credentials never travel in a URI (they would end up in the run's configuration 
 logs): a URI with ``user:password@`` is refused. HTTP credentials come as a
 :class:`SourceAuth`, bound to one origin; a redirect to another origin drops them.
 
+Given an :class:`~tfjobs.allowed_sources.AllowedSources` (Airflow's fetch always
+gives one; the command line with ``--allow-source``), a fetch reads only under its
+prefixes and the spec's own source: the source is checked once ``{partition}`` is
+filled in and before anything is read, and every HTTP request, redirects included,
+goes to allowed prefixes and public addresses only.
+
     python -m tfjobs.fetch --spec include/penguins.yaml --output .demo/store/raw/penguins/2026-11-25
 """
 
@@ -31,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import contextvars
 import csv
 import datetime as dt
 import logging
@@ -45,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tfjobs import cli
+from tfjobs.allowed_sources import AllowedSources
 from tfjobs.deadlines import parse_duration, partition_deadline, utc_now, utc_text
 from tfjobs.spec import PipelineSpec, SourceSpec, load_spec
 from tfjobs.storage.store import join, local_copy, read_json_if_exists, redact, sha256_file, staging_dir, store_for, write_json
@@ -54,6 +63,8 @@ log = logging.getLogger(__name__)
 DATA_FILE = "data.csv"
 MANIFEST = "manifest.json"
 HTTP_TIMEOUT_S = 60
+# The allow-list of the fetch in progress, which every HTTP request it makes checks (see _open_http).
+_ALLOWED: contextvars.ContextVar[AllowedSources | None] = contextvars.ContextVar("allowed_sources", default=None)
 
 
 class SourceNotFoundError(FileNotFoundError):
@@ -113,20 +124,27 @@ def fetch_dataset(
     deadline: str = "",
     poke_interval: str = "",
     auth: SourceAuth | None = None,
+    allowed: AllowedSources | None = None,
 ) -> FetchResult:
     """Fetch the spec's source (or ``source_uri``, a CSV) into ``output_uri``.
 
     ``{partition}`` in ``source_uri`` becomes the partition, which reads one file per
     day from a landing prefix: ``s3://landing/housing/{partition}.csv``. A delivery
     that is not there yet raises :class:`DeliveryPending` until ``deadline`` (default:
-    the spec's ``source.deadline``), then :class:`SourceNotFoundError`.
+    the spec's ``source.deadline``), then :class:`SourceNotFoundError`. With ``allowed``,
+    a source outside its prefixes and the spec's own source raises
+    :class:`~tfjobs.allowed_sources.SourceNotAllowedError` before anything is read.
     """
     source = source_for(spec, source_uri)
     location = source_location(source)
     _refuse_credentials_in(location)
     if auth is not None:
         _check_auth_origin(auth, location)
-    with staging_dir() as tmp:
+    if allowed is not None:
+        allowed = allowed.including(spec.source.uri) if spec.source.kind in ("csv", "landing") else allowed
+        if location:
+            allowed.check(location.replace("{partition}", partition))
+    with staging_dir() as tmp, _fetching_under(allowed):
         local = tmp / DATA_FILE
         if source.kind == "landing":
             description = _fetch_delivery(source, partition, local, deadline, poke_interval, auth)
@@ -166,13 +184,14 @@ def fetch_when_delivered(
     deadline: str = "",
     poke_interval: str = "",
     auth: SourceAuth | None = None,
+    allowed: AllowedSources | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> FetchResult:
     """:func:`fetch_dataset`, waiting in this process for a late delivery until its deadline."""
     while True:
         try:
             return fetch_dataset(spec, output_uri, partition, source_uri,
-                                 deadline=deadline, poke_interval=poke_interval, auth=auth)
+                                 deadline=deadline, poke_interval=poke_interval, auth=auth, allowed=allowed)
         except DeliveryPending as pending:
             log.info("%s", pending)
             sleep(max(0.0, (pending.next_poke - utc_now()).total_seconds()))
@@ -319,12 +338,23 @@ class _CredentialsStayWithTheirOrigin(urllib.request.HTTPRedirectHandler):
         return redirected
 
 
+@contextlib.contextmanager
+def _fetching_under(allowed: AllowedSources | None):
+    token = _ALLOWED.set(allowed)
+    try:
+        yield
+    finally:
+        _ALLOWED.reset(token)
+
+
 def _open_http(uri: str, auth: SourceAuth | None, method: str = "GET", headers: Mapping[str, str] | None = None):
     request = urllib.request.Request(uri, method=method, headers={"User-Agent": "shardline", **(headers or {})})
     credentials = auth.headers if auth is not None and origin_of(uri) == auth.origin else {}
     for name, value in credentials.items():
         request.add_header(name, value)
-    opener = urllib.request.build_opener(_CredentialsStayWithTheirOrigin(credentials))
+    allowed = _ALLOWED.get()
+    checks = allowed.url_handlers() if allowed is not None else []
+    opener = urllib.request.build_opener(_CredentialsStayWithTheirOrigin(credentials), *checks)
     return opener.open(request, timeout=HTTP_TIMEOUT_S)
 
 
@@ -407,14 +437,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--poke-interval", default="", help="how often to look for it meanwhile (default: the spec's)")
     parser.add_argument("--basic-auth-env", default="", metavar="NAME",
                         help="environment variable holding user:password for HTTP Basic auth to the source")
+    parser.add_argument("--allow-source", action="append", default=[], metavar="PREFIX",
+                        help="read only under this prefix (a path or URI; repeatable) and the spec's own source; "
+                        "private and loopback HTTP hosts only where a prefix names them")
     args = cli.parse(parser, argv)
     spec = load_spec(args.spec)
     auth = None
     if args.basic_auth_env:
         user, _, password = os.environ[args.basic_auth_env].partition(":")
         auth = SourceAuth.basic(origin_of(source_location(source_for(spec, args.source))), user, password)
+    allowed = AllowedSources(tuple(args.allow_source), "--allow-source") if args.allow_source else None
     result = fetch_when_delivered(spec, args.output, args.partition, args.source,
-                                  deadline=args.deadline, poke_interval=args.poke_interval, auth=auth)
+                                  deadline=args.deadline, poke_interval=args.poke_interval, auth=auth, allowed=allowed)
     cli.print_result(result)
 
 
