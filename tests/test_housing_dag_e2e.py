@@ -153,8 +153,9 @@ def test_every_kind_serves_raw_rows_in_dollars_and_reloads_from_keras_in_a_fresh
 def test_a_day_without_delivery_fails_the_fetch_naming_the_partition(airflow, landing):
     """The fetch looks for the day's file every second, giving its worker back in between, until the deadline."""
     dags_test, store = airflow
-    # `airflow dags test` takes about 10 s to the first poke on the 2-core VM: this leaves some 10 s of waiting.
-    deadline = (utc_now() + datetime.timedelta(seconds=20)).replace(microsecond=0)
+    # `airflow dags test` takes about 10 s to the first poke on the 2-core VM, over 20 s when it is loaded:
+    # 40 s leaves time for several pokes either way.
+    deadline = (utc_now() + datetime.timedelta(seconds=40)).replace(microsecond=0)
     started = time.monotonic()
     completed = dags_test("2026-11-25", conf={"source_uri": f"{landing}/{{partition}}.csv", "epochs": 1,
                                               "delivery_deadline": utc_text(deadline), "delivery_poke_interval": "1s"})
