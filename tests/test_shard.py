@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import palmerpenguins
 import pandas as pd
@@ -5,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from tfjobs.storage.input_pipeline import open_shards, raw_batches
-from tfjobs.shard import shard_dataset
+from tfjobs.shard import _shard_names, shard_dataset
 from tfjobs.storage.store import read_json, sha256_file, write_json
 
 
@@ -96,3 +98,128 @@ def test_split_does_not_depend_on_row_order(penguins_spec):
 def test_shard_needs_validated_data(penguins_spec, tmp_path):
     with pytest.raises(FileNotFoundError, match="run the validate step first"):
         shard_dataset(penguins_spec, str(tmp_path / "validated"), str(tmp_path / "shards"))
+
+
+LONG_SPEC = {
+    "name": "long_values",
+    "source": {"kind": "csv", "uri": "unused.csv"},
+    "label": {"name": "price", "task": "regression"},
+    "features": {"size": {"kind": "numeric"}, "tag": {"kind": "categorical"}, "text": {"kind": "categorical"}},
+    "shards": {"train": 3, "eval": 1, "test": 1},
+}
+
+
+def write_long_values(directory, rows: int, row_group: int, cell_bytes: int = 16_384):
+    """Validated data with a column of long strings, each different, and one ``cell_bytes`` long tag."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tfjobs.spec import parse_spec
+    from tfjobs.validate import arrow_schema
+
+    spec = parse_spec(LONG_SPEC)
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(300, 3000, rows)
+    alphabet = np.array([ord(c) for c in "abcdé xyz"], "<u4")
+    letters = alphabet[rng.integers(0, len(alphabet), int(lengths.sum()))].tobytes().decode("utf-32-le")
+    ends = np.cumsum(lengths).tolist()
+    frame = pd.DataFrame({
+        "size": rng.normal(size=rows).astype(np.float32),
+        "tag": rng.choice(["red", "green", "blue"], rows).astype(object),
+        "text": [letters[e - n : e] + str(i) for i, (e, n) in enumerate(zip(ends, lengths.tolist()))],
+        "price": rng.gamma(2.0, 1e5, rows).astype(np.float32),
+    })
+    frame.loc[::7, "size"] = np.nan
+    frame.loc[rows // 3, "tag"] = "t" * cell_bytes
+    directory.mkdir(parents=True)
+    table = pa.table({c: frame[c].to_numpy() for c in spec.columns}, schema=arrow_schema(spec))
+    pq.write_table(table, directory / "data.parquet", row_group_size=row_group)
+    write_json(str(directory / "report.json"), {
+        "data_file": "data.parquet", "data_sha256": sha256_file(directory / "data.parquet"),
+        "rows_in": rows, "rows_valid": rows, "rows_quarantined": 0, "reasons": {},
+    })
+    return spec, frame
+
+
+def example_bytes(spec, row) -> bytes:
+    """A ``tf.train.Example`` of ``row``, its features in the spec's order.
+
+    A map's wire order is up to the serializer (upb's follows its hash table), so the Example is
+    serialized a feature at a time: one-entry ``Features`` messages, concatenated, are one ``Features``.
+    """
+    features = {}
+    for column in spec.record_columns():
+        value = row[column.name]
+        if column.dtype == "float32":
+            features[column.name] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+        else:
+            features[column.name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+    entries = b"".join(tf.train.Features(feature={name: feature}).SerializeToString()
+                       for name, feature in features.items())
+    size, length = bytearray(), len(entries)
+    while length > 0x7F:
+        size.append(length & 0x7F | 0x80)
+        length >>= 7
+    example = b"\x0a" + bytes(size) + bytes([length]) + entries
+    assert tf.train.Example.FromString(example) == tf.train.Example(features=tf.train.Features(feature=features))
+    return example
+
+
+def test_long_values_shard_to_the_bytes_of_tf_train_examples(tmp_path, monkeypatch):
+    """One 16 KiB cell and a column of long distinct strings: the records are exactly what per-row
+    tf.train.Example + TFRecordWriter write, whatever the read batches, the byte budget and the processes."""
+    import gzip
+
+    from tfjobs.shard import shard_assignment
+
+    spec, frame = write_long_values(tmp_path / "validated", rows=3000, row_group=1000)
+    reference = {}
+    shard = shard_assignment(spec, frame)
+    for index, name in enumerate(_shard_names(spec)):
+        path = tmp_path / f"reference-{index}"
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for row in np.flatnonzero(shard == index):  # each shard's rows in input order
+                writer.write(example_bytes(spec, frame.iloc[row]))
+        reference[name] = path.read_bytes()
+
+    whole = read_json(shard_dataset(spec, str(tmp_path / "validated"), str(tmp_path / "whole"), 1).manifest_uri)
+    # Batches of ~30 rows, padded matrices of ~8 rows: the 16 KiB cell is framed apart from the rest.
+    monkeypatch.setattr("tfjobs.shard.BATCH_BYTES", 50_000)
+    monkeypatch.setattr("tfjobs.storage.tfrecord.CHUNK_BYTES", 20_000)
+    cut = read_json(shard_dataset(spec, str(tmp_path / "validated"), str(tmp_path / "cut"), 2).manifest_uri)
+    assert cut["splits"] == whole["splits"]
+    for name, expected in reference.items():
+        assert gzip.decompress((tmp_path / "cut" / name).read_bytes()) == expected, name
+    assert sum(len(r) for r in reference.values()) > 3000 * 1600
+
+
+_MEMORY_JOB = """
+import json, sys
+from tfjobs.shard import _shard_names, shard_dataset
+from tfjobs.spec import parse_spec
+import pyarrow.parquet, pandas
+
+def kib(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+
+spec = parse_spec(json.loads(sys.argv[1]))
+before = kib("VmRSS")
+shard_dataset(spec, sys.argv[2], sys.argv[3], processes=1)
+print(json.dumps({"growth_mib": (kib("VmHWM") - before) / 1024}))
+"""
+
+
+def test_shard_memory_follows_bytes_not_the_longest_value(tmp_path):
+    """20,000 rows of ~1.6 KiB long distinct strings and one 16 KiB cell: before, the padded matrix was as
+    wide as the 16 KiB cell for every row of a batch (>1 GiB); now memory follows the row groups' bytes."""
+    import json
+    import subprocess
+    import sys
+
+    write_long_values(tmp_path / "validated", rows=20_000, row_group=5_000)
+    completed = subprocess.run(
+        [sys.executable, "-c", _MEMORY_JOB, json.dumps(LONG_SPEC), str(tmp_path / "validated"), str(tmp_path / "out")],
+        capture_output=True, text=True, check=True, env={"PYTHONPATH": str(Path(__file__).parents[1]),
+                                                         "PATH": "/usr/bin:/bin"})
+    growth = json.loads(completed.stdout.strip().splitlines()[-1])["growth_mib"]
+    assert growth < 250, f"sharding 32 MiB of values took {growth:.0f} MiB more than the process had"

@@ -35,16 +35,18 @@ import numpy as np
 import pandas as pd
 
 from tfjobs import cli
-from tfjobs.storage.examples import encode_padded
+from tfjobs.storage.examples import DISTINCT_VALUE_BYTES, encode_rows
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
 from tfjobs.storage.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
 from tfjobs.storage.store import write_json
-from tfjobs.storage.tfrecord import COMPRESSION, FRAMING, TFRecordFileWriter, frame_in_place
+from tfjobs.storage.tfrecord import COMPRESSION, TFRecordFileWriter, frame_in_chunks
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-BATCH_ROWS = 65_536
+BATCH_ROWS = 65_536  # rows read at a time, at most
+BATCH_BYTES = 4 << 20  # and about this many bytes of Parquet values (long values: fewer rows)
+READ_BUFFER_BYTES = 1 << 20  # Parquet pages are read through a buffer this big, not a whole column chunk at once
 PROCESS_MIN_ROWS = 500_000  # below this, starting a process costs more than it saves
 _BUCKETS = 10_000
 
@@ -61,10 +63,19 @@ def shard_file_name(split: str, index: int, count: int) -> str:
     return f"{split}/part-{index:05d}-of-{count:05d}.tfrecord.gz"
 
 
+def shard_assignment(spec: PipelineSpec, frame) -> np.ndarray:
+    """Each row's shard, an index into the shard files of every split in ``SPLITS`` order."""
+    split, shard_hash = split_assignment(spec, frame)
+    first_shard = np.cumsum([0] + [spec.shards[s] for s in SPLITS])[:-1]
+    shards_per_split = np.array([spec.shards[s] for s in SPLITS], np.uint64)
+    return first_shard[split] + (shard_hash % shards_per_split[split]).astype(np.int64)
+
+
 def split_assignment(spec: PipelineSpec, frame) -> tuple[np.ndarray, np.ndarray]:
     """Each row's split index (into ``SPLITS``) and a hash for picking its shard."""
     key = list(spec.split.key) or list(spec.columns)
-    hashes = pd.util.hash_pandas_object(frame[key], index=False).to_numpy()
+    # categorize=False: the same hashes, without factorizing long strings first (categoricals hash their categories).
+    hashes = pd.util.hash_pandas_object(frame[key], index=False, categorize=False).to_numpy()
     bucket = hashes % np.uint64(_BUCKETS)
     bounds = np.cumsum([spec.split.fractions()[s] for s in SPLITS]) * _BUCKETS
     split = np.searchsorted(bounds[:-1], bucket, side="right")
@@ -210,11 +221,8 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
     reuse_freed_memory()
     columns = spec.record_columns()
     names = _shard_names(spec)
-    first_shard = np.cumsum([0] + [spec.shards[split] for split in SPLITS])[:-1]
-    shards_per_split = np.array([spec.shards[split] for split in SPLITS], np.uint64)
     writers = [TFRecordFileWriter(Path(out_dir) / (name + suffix), COMPRESSION) for name in names]
-    member_of = [-1] * len(names)  # the row group whose records each writer's open gzip member holds
-    pending: list[list] = [[] for _ in names]  # and those records, framed, not yet compressed
+    pending: list[list] = [[] for _ in names]  # each shard's records of this row group, framed, not yet compressed
 
     def finish_member(index: int) -> None:
         # Compressed in one call: a member's bytes do not depend on where batches cut it.
@@ -226,41 +234,56 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
         writers[index].end_member()
 
     try:
-        # pre_buffer=False: pyarrow would otherwise buffer every row group ahead (memory grows with the file).
-        parquet = pq.ParquetFile(parquet_path, pre_buffer=False)
-        group_ends = np.cumsum([parquet.metadata.row_group(g).num_rows for g in row_groups])
-        read = 0
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=list(row_groups),
-                                          columns=list(spec.columns), use_threads=threads):
-            # Strings as categoricals: each distinct value is hashed and encoded once.
-            frame = batch.to_pandas(strings_to_categorical=True, use_threads=threads)
-            split_index, shard_hash = split_assignment(spec, frame)
-            shard = first_shard[split_index] + (shard_hash % shards_per_split[split_index]).astype(np.int64)
-            group = np.searchsorted(group_ends, np.arange(read, read + len(frame)), side="right")
-            read += len(frame)
-            # Rows of each (row group, shard) together, in input order: each is one slice of the batch.
-            key = group * len(names) + shard
-            order = np.argsort(key, kind="stable")
-            key = key[order]
-            rows = encode_padded(columns, {c.name: _column(frame[c.name])[order] for c in columns}, reserve=FRAMING)
-            framed = frame_in_place(rows)  # the whole batch at once; each slice is a range of its bytes
-            offsets = np.concatenate([[0], np.cumsum(rows.lengths)]).tolist()
-            bounds = [0, *(np.flatnonzero(np.diff(key)) + 1).tolist(), len(key)]
-            for start, stop in zip(bounds[:-1], bounds[1:]):
-                member, index = divmod(int(key[start]), len(names))
-                if member_of[index] != member:
-                    finish_member(index)
-                    member_of[index] = member
-                pending[index].append((framed[offsets[start] : offsets[stop]], stop - start))
-            for index in range(len(names)):  # members of row groups that ended in this batch are complete
-                if member_of[index] < group[-1]:
-                    finish_member(index)
-        for index in range(len(names)):
-            finish_member(index)
+        # pre_buffer=False and a read buffer: pyarrow would otherwise hold every row group, or a whole
+        # column chunk, in memory at once (memory grows with the file, or with the longest column).
+        parquet = pq.ParquetFile(parquet_path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+        batch_rows = _batch_rows(parquet.metadata, row_groups)
+        for group in row_groups:
+            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=list(spec.columns),
+                                              use_threads=threads):
+                frame = _frame(batch, threads)
+                del batch
+                shard = shard_assignment(spec, frame)
+                # Rows of each shard together, in input order: each shard's run is the next part of its member.
+                order = np.argsort(shard, kind="stable")
+                records = encode_rows(columns, {c.name: _column(frame[c.name]) for c in columns})
+                del frame
+                framed = frame_in_chunks(records, order)
+                del records
+                key = shard[order]
+                for first, stop, data in framed.runs(key):
+                    pending[key[first]].append((data, stop - first))
+                del framed
+            for index in range(len(names)):  # the row group's members are complete
+                finish_member(index)
     finally:
         for writer in writers:
             writer.close()
     return writers
+
+
+def _batch_rows(metadata, row_groups: range) -> int:
+    """Rows to read at a time: ``BATCH_ROWS``, or fewer when they would hold more than ``BATCH_BYTES``."""
+    rows = sum(metadata.row_group(g).num_rows for g in row_groups)
+    size = sum(metadata.row_group(g).total_byte_size for g in row_groups)  # uncompressed
+    return int(max(1, min(BATCH_ROWS, BATCH_BYTES * rows // max(size, 1))))
+
+
+def _frame(batch, threads: bool) -> pd.DataFrame:
+    """A record batch as pandas: strings as categoricals (each distinct value hashed and encoded once),
+    long ones as their UTF-8 bytes, one per row (finding the repeats would cost more than it saves;
+    bytes hash as their string does, and go into records as they are)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    long = [name for name, column in zip(batch.schema.names, batch.columns)
+            if pa.types.is_string(column.type) and len(column)
+            and pc.sum(pc.binary_length(column)).as_py() >= DISTINCT_VALUE_BYTES * len(column)]
+    frame = batch.drop_columns(long).to_pandas(strings_to_categorical=True, use_threads=threads)
+    for name in long:
+        values = batch.column(name).cast(pa.binary()).to_numpy(zero_copy_only=False)
+        frame[name] = pd.Series(values, dtype=object, index=frame.index)
+    return frame
 
 
 def reuse_freed_memory() -> None:
