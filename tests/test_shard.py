@@ -76,13 +76,14 @@ def test_shards_are_the_same_bytes_however_many_processes_write_them(penguins_pi
     small = read_json(shard_dataset(run.spec, str(validated), str(tmp_path / "small"), processes=1).manifest_uri)
     assert small["splits"] == one["splits"]
     assert sorted(p.name for p in (tmp_path / "three").rglob("*.part*")) == []
-    # Written in row-group parts, the records are those of the shards written from one row group, in order.
+    # Written in row-group parts, the records are those of the shards written from one row group
+    # (in another order: each row group's rows are shuffled among themselves).
     whole = read_json(run.shard.manifest_uri)
     for split in ("train", "eval", "test"):
         for parts, single in zip(three["splits"][split]["shards"], whole["splits"][split]["shards"]):
             read = [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "three" / parts["file"]), "GZIP")]
             expected = [r.numpy() for r in tf.data.TFRecordDataset(f"{run.layout.shards}/{single['file']}", "GZIP")]
-            assert read == expected and len(read) == parts["records"]
+            assert sorted(read) == sorted(expected) and len(read) == parts["records"]
 
 
 def test_split_does_not_depend_on_row_order(penguins_spec):
@@ -173,17 +174,23 @@ def test_long_values_shard_to_the_bytes_of_tf_train_examples(tmp_path, monkeypat
     from tfjobs.shard import shard_assignment
 
     spec, frame = write_long_values(tmp_path / "validated", rows=3000, row_group=1000)
+    records = {name: [] for name in _shard_names(spec)}
+    for start in range(0, 3000, 1000):  # each row group's rows go to their shards in shard order
+        group = frame.iloc[start : start + 1000]
+        shard, order = shard_assignment(spec, group)
+        for row in np.argsort(order):
+            records[_shard_names(spec)[shard[row]]].append(example_bytes(spec, group.iloc[row]))
     reference = {}
-    shard = shard_assignment(spec, frame)
-    for index, name in enumerate(_shard_names(spec)):
-        path = tmp_path / f"reference-{index}"
+    for name, examples in records.items():
+        path = tmp_path / "reference"
         with tf.io.TFRecordWriter(str(path)) as writer:
-            for row in np.flatnonzero(shard == index):  # each shard's rows in input order
-                writer.write(example_bytes(spec, frame.iloc[row]))
+            for example in examples:
+                writer.write(example)
         reference[name] = path.read_bytes()
 
     whole = read_json(shard_dataset(spec, str(tmp_path / "validated"), str(tmp_path / "whole"), 1).manifest_uri)
     # Batches of ~30 rows, padded matrices of ~8 rows: the 16 KiB cell is framed apart from the rest.
+    monkeypatch.setattr("tfjobs.shard.GROUP_BYTES", 0)
     monkeypatch.setattr("tfjobs.shard.BATCH_BYTES", 50_000)
     monkeypatch.setattr("tfjobs.storage.tfrecord.CHUNK_BYTES", 20_000)
     cut = read_json(shard_dataset(spec, str(tmp_path / "validated"), str(tmp_path / "cut"), 2).manifest_uri)
@@ -223,3 +230,32 @@ def test_shard_memory_follows_bytes_not_the_longest_value(tmp_path):
                                                          "PATH": "/usr/bin:/bin"})
     growth = json.loads(completed.stdout.strip().splitlines()[-1])["growth_mib"]
     assert growth < 250, f"sharding 32 MiB of values took {growth:.0f} MiB more than the process had"
+
+
+def test_a_label_sorted_input_is_read_shuffled_from_each_shard(penguins_pipeline, tmp_path):
+    """Sorted by species, the input's first rows are all Adelie; a shard read front to back is not."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+
+    run = penguins_pipeline
+    validated = tmp_path / "validated"
+    validated.mkdir()
+    table = pq.read_table(run.validate.data_uri).sort_by("species")
+    pq.write_table(table, validated / "data.parquet")
+    report = read_json(f"{run.layout.validated}/report.json")
+    write_json(str(validated / "report.json"), {**report, "data_sha256": sha256_file(validated / "data.parquet")})
+
+    def first_train_records(spec, output):
+        manifest = read_json(shard_dataset(spec, str(validated), str(tmp_path / output)).manifest_uri)
+        path = tmp_path / output / manifest["splits"]["train"]["shards"][0]["file"]
+        return [r.numpy() for r in tf.data.TFRecordDataset(str(path), "GZIP")]
+
+    first = first_train_records(run.spec, "first")
+    features = {"species": tf.io.FixedLenFeature([], tf.string)}
+    species = tf.io.parse_example(first[:32], features)["species"].numpy()
+    assert set(species) == {b"Adelie", b"Chinstrap", b"Gentoo"}, "the first batch holds every class"
+    assert first_train_records(run.spec, "again") == first  # the same seed reads the same order
+    reseeded = dataclasses.replace(run.spec, training=dataclasses.replace(run.spec.training, seed=7))
+    other = first_train_records(reseeded, "other")
+    assert other != first and sorted(other) == sorted(first)  # another seed: the same rows, another order

@@ -12,6 +12,11 @@ groups each) and writes::
 The split is decided by a hash of each row's key columns (the whole row by
 default), so it does not depend on row order or chunking, duplicate rows never
 straddle train and test, and a re-run with the same input writes the same bytes.
+Within a shard, each Parquet row group's rows are sorted by that hash mixed with
+``training.seed`` (``shard_assignment``): a shard read front to back is shuffled (a label- or
+time-sorted input included), the same way for the same input and seed, whatever
+the batches and the number of processes. Memory follows bytes, not rows: long
+values are read fewer rows at a time, and framed without widening other rows.
 The manifest holds per-split record counts, the feature schema and a SHA-256 per
 shard; readers take a shard set as finished only when its manifest is there.
 
@@ -45,7 +50,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 BATCH_ROWS = 65_536  # rows read at a time, at most
-BATCH_BYTES = 4 << 20  # and about this many bytes of Parquet values (long values: fewer rows)
+GROUP_BYTES = 16 << 20  # a row group with at most this many bytes of values (uncompressed) is read whole
+BATCH_BYTES = 4 << 20  # a bigger one this many at a time (long values: fewer rows)
 READ_BUFFER_BYTES = 1 << 20  # Parquet pages are read through a buffer this big, not a whole column chunk at once
 PROCESS_MIN_ROWS = 500_000  # below this, starting a process costs more than it saves
 _BUCKETS = 10_000
@@ -63,12 +69,38 @@ def shard_file_name(split: str, index: int, count: int) -> str:
     return f"{split}/part-{index:05d}-of-{count:05d}.tfrecord.gz"
 
 
-def shard_assignment(spec: PipelineSpec, frame) -> np.ndarray:
-    """Each row's shard, an index into the shard files of every split in ``SPLITS`` order."""
+def shard_assignment(spec: PipelineSpec, frame, first: int = 0, group_rows: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's shard (an index into the shard files of every split, in ``SPLITS`` order) and its order.
+
+    ``frame`` holds rows ``first``, ``first + 1``, ... of a row group of ``group_rows`` rows (all of
+    it by default). The order is a uint64 per row, unique in its row group, that sorts its rows by
+    shard, then by the row's hash mixed with ``training.seed``, then by position: a shard holds each
+    row group's rows in that order, so reading it front to back is already shuffled, the same way
+    for the same input and seed.
+    """
     split, shard_hash = split_assignment(spec, frame)
     first_shard = np.cumsum([0] + [spec.shards[s] for s in SPLITS])[:-1]
     shards_per_split = np.array([spec.shards[s] for s in SPLITS], np.uint64)
-    return first_shard[split] + (shard_hash % shards_per_split[split]).astype(np.int64)
+    shard = first_shard[split] + (shard_hash % shards_per_split[split]).astype(np.int64)
+    shard_bits = int(sum(spec.shards.values()) - 1).bit_length()
+    position_bits = int(max(group_rows or len(frame), 1) - 1).bit_length()
+    hash_bits = 64 - shard_bits - position_bits
+    if hash_bits < 16:
+        raise ValueError(f"{sum(spec.shards.values())} shards and row groups of {group_rows} rows leave too few bits "
+                         "to shuffle rows by: write smaller row groups")
+    order = _mix(shard_hash, spec.training.seed) >> np.uint64(64 - hash_bits) << np.uint64(position_bits)
+    order |= shard.astype(np.uint64) << np.uint64(hash_bits + position_bits)
+    return shard, order | np.arange(first, first + len(frame), dtype=np.uint64)
+
+
+def _mix(values: np.ndarray, seed: int) -> np.ndarray:
+    """SplitMix64 of ``values`` offset by ``seed``: uint64s that look random, and change with the seed."""
+    with np.errstate(over="ignore"):
+        z = values + np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
 
 
 def split_assignment(spec: PipelineSpec, frame) -> tuple[np.ndarray, np.ndarray]:
@@ -212,8 +244,9 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
                       suffix: str, threads: bool = True) -> list[TFRecordFileWriter]:
     """Read the row groups ``row_groups``, and write their records of every shard to ``<shard file><suffix>``.
 
-    Each (row group, shard) pair's records form one gzip member, whatever the batches.
-    ``threads``: whether pyarrow decodes with its thread pool (not when a process per core runs).
+    Each (row group, shard) pair's records form one gzip member, in the order ``shard_assignment``
+    gives them, whatever the batches. ``threads``: whether pyarrow decodes with its thread pool
+    (not when a process per core runs).
     Returns the closed writers, one per shard: what each wrote (records, bytes, SHA-256).
     """
     import pyarrow.parquet as pq
@@ -222,14 +255,14 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
     columns = spec.record_columns()
     names = _shard_names(spec)
     writers = [TFRecordFileWriter(Path(out_dir) / (name + suffix), COMPRESSION) for name in names]
-    pending: list[list] = [[] for _ in names]  # each shard's records of this row group, framed, not yet compressed
+    # Each shard's records of this row group, framed, not yet compressed: (bytes, their places, their lengths).
+    pending: list[list] = [[] for _ in names]
 
     def finish_member(index: int) -> None:
         # Compressed in one call: a member's bytes do not depend on where batches cut it.
         if pending[index]:
-            parts = [part for part, _ in pending[index]]
-            framed = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            writers[index].write_framed(framed, sum(records for _, records in pending[index]))
+            framed = _in_place_order(pending[index])
+            writers[index].write_framed(framed, sum(len(places) for _, places, _ in pending[index]))
             pending[index] = []
         writers[index].end_member()
 
@@ -237,22 +270,23 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
         # pre_buffer=False and a read buffer: pyarrow would otherwise hold every row group, or a whole
         # column chunk, in memory at once (memory grows with the file, or with the longest column).
         parquet = pq.ParquetFile(parquet_path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
-        batch_rows = _batch_rows(parquet.metadata, row_groups)
         for group in row_groups:
-            for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=[group], columns=list(spec.columns),
-                                              use_threads=threads):
+            metadata, read = parquet.metadata.row_group(group), 0
+            for batch in parquet.iter_batches(batch_size=_batch_rows(metadata), row_groups=[group],
+                                              columns=list(spec.columns), use_threads=threads):
                 frame = _frame(batch, threads)
                 del batch
-                shard = shard_assignment(spec, frame)
-                # Rows of each shard together, in input order: each shard's run is the next part of its member.
-                order = np.argsort(shard, kind="stable")
+                shard, place = shard_assignment(spec, frame, read, metadata.num_rows)
+                read += len(frame)
+                order = np.argsort(place)  # each shard's rows together, in their places (each place is unique)
                 records = encode_rows(columns, {c.name: _column(frame[c.name]) for c in columns})
                 del frame
                 framed = frame_in_chunks(records, order)
                 del records
-                key = shard[order]
-                for first, stop, data in framed.runs(key):
-                    pending[key[first]].append((data, stop - first))
+                shard, place = shard[order], place[order]
+                for first, stop, data in framed.runs(shard):
+                    lengths = framed.end[first:stop] - framed.start[first:stop]
+                    pending[shard[first]].append((data, place[first:stop], lengths))
                 del framed
             for index in range(len(names)):  # the row group's members are complete
                 finish_member(index)
@@ -262,11 +296,28 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
     return writers
 
 
-def _batch_rows(metadata, row_groups: range) -> int:
-    """Rows to read at a time: ``BATCH_ROWS``, or fewer when they would hold more than ``BATCH_BYTES``."""
-    rows = sum(metadata.row_group(g).num_rows for g in row_groups)
-    size = sum(metadata.row_group(g).total_byte_size for g in row_groups)  # uncompressed
-    return int(max(1, min(BATCH_ROWS, BATCH_BYTES * rows // max(size, 1))))
+def _in_place_order(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """A member's framed records, sorted by place: each batch's parts are; the batches of a row group
+    too big to read whole are merged (one copy of the member, a Python step per record)."""
+    places = np.concatenate([places for _, places, _ in parts])
+    if (places[1:] > places[:-1]).all():
+        return parts[0][0] if len(parts) == 1 else np.concatenate([data for data, _, _ in parts])
+    views = [memoryview(data) for data, _, _ in parts]
+    part = np.repeat(np.arange(len(parts)), [len(places) for _, places, _ in parts])
+    ends = np.concatenate([np.cumsum(lengths) for _, _, lengths in parts])
+    lengths = np.concatenate([lengths for _, _, lengths in parts])
+    order = np.argsort(places)
+    records = zip(part[order].tolist(), ends[order].tolist(), lengths[order].tolist())
+    return np.frombuffer(b"".join([views[p][e - n : e] for p, e, n in records]), np.uint8)
+
+
+def _batch_rows(row_group) -> int:
+    """Rows to read at a time: the whole row group when it holds at most ``GROUP_BYTES`` (then its
+    members need no merging), else about ``BATCH_BYTES`` of values at a time."""
+    size = max(row_group.total_byte_size, 1)  # uncompressed
+    if size <= GROUP_BYTES:
+        return max(1, min(BATCH_ROWS, row_group.num_rows))
+    return int(max(1, min(BATCH_ROWS, BATCH_BYTES * row_group.num_rows // size)))
 
 
 def _frame(batch, threads: bool) -> pd.DataFrame:
