@@ -118,7 +118,7 @@ def run(quick: bool = False) -> list[Target]:
 
             def model():
                 keras.utils.set_random_seed(0)
-                built = build_training_model(spec, encoded_features(spec, preprocessor))
+                built = build_training_model(spec, encoded_features(preprocessor))
                 compile_for_task(built, spec, spec.training)
                 return built
 

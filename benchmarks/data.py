@@ -14,9 +14,10 @@ NUMERIC = ["longitude", "latitude", "housing_median_age", "total_rooms", "total_
 OCEAN = ["<1H OCEAN", "INLAND", "NEAR OCEAN", "NEAR BAY", "ISLAND"]
 
 
-def housing_spec(shards: dict[str, int] | None = None) -> PipelineSpec:
+def housing_spec(shards: dict[str, int] | None = None, extra_features: dict | None = None) -> PipelineSpec:
     features = {name: {"kind": "numeric"} for name in NUMERIC}
     features["ocean_proximity"] = {"kind": "categorical", "encoding": "embedding", "embedding_dim": 4}
+    features.update(extra_features or {})
     return parse_spec({
         "name": "housing_synthetic",
         "source": {"kind": "csv", "uri": "synthetic"},

@@ -89,3 +89,14 @@ def test_fingerprint_follows_content(penguins_spec):
 def _minimal():
     return {"name": "m", "source": {"kind": "palmerpenguins"},
             "label": {"name": "y", "task": "regression"}, "features": {"x": {"kind": "numeric"}}}
+
+
+def test_deterministic_training_is_a_boolean_from_the_spec_or_overrides():
+    assert parse_spec({**_minimal(), "training": {"deterministic": True}}).training.deterministic
+    assert not TrainingSpec().deterministic  # deterministic kernels are slower: asked for, not the default
+    assert TrainingSpec().with_overrides({"deterministic": "true"}).deterministic
+    assert not TrainingSpec(deterministic=True).with_overrides({"deterministic": False}).deterministic
+    with pytest.raises(SpecError, match="'deterministic' must be bool, got 'sometimes'"):
+        TrainingSpec().with_overrides({"deterministic": "sometimes"})
+    with pytest.raises(SpecError, match="training.deterministic must be true or false, got 1"):
+        parse_spec({**_minimal(), "training": {"deterministic": 1}})

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tfjobs.storage.examples import Column, encode_padded, serialize_examples
-from tfjobs.storage.tfrecord import FRAMING, TFRecordFileWriter, record_crc32c
+from tfjobs.storage.examples import Column, encode_padded, encode_rows, serialize_examples
+from tfjobs.storage.tfrecord import FRAMING, TFRecordFileWriter, frame_in_chunks, record_crc32c
 
 COLUMNS = [Column("x", "float32"), Column("word", "string"), Column("id", "int64"), Column("tag", "string")]
 
@@ -57,3 +57,39 @@ def test_a_missing_categorical_value_is_an_error_not_a_wrong_record():
               "tag": pd.Categorical(["red", None])}
     with pytest.raises(ValueError, match="'tag' has missing values"):
         encode_padded(COLUMNS, values, reserve=FRAMING)
+
+
+def long_rows(n, seed=0):
+    """Short values, long distinct ones of many lengths, and one 16 KiB outlier."""
+    rng = np.random.default_rng(seed)
+    values = rows(n, seed)
+    values["word"] = np.array([f"{i}:" + "é" * int(k) for i, k in enumerate(rng.integers(20, 3000, n))], dtype=object)
+    values["tag"] = pd.Categorical(["red"] * (n - 1) + ["x" * 16_384])
+    return values
+
+
+def test_record_crcs_of_long_distinct_values_of_many_lengths():
+    values = long_rows(400)
+    padded = encode_padded(COLUMNS, values, reserve=FRAMING)
+    records = serialize_examples(COLUMNS, values)
+    assert len(set(map(len, records))) > 100  # more lengths than stacked shift tables
+    assert record_crc32c(padded).tolist() == [google_crc32c.value(r) for r in records]
+
+
+@pytest.mark.parametrize("budget", [None, 30_000, 1])
+def test_records_framed_in_chunks_are_the_same_bytes_whatever_the_budget(tmp_path, budget):
+    values = long_rows(400, seed=2)
+    order = np.random.default_rng(3).permutation(400)
+    framed = frame_in_chunks(encode_rows(COLUMNS, values), order, budget)
+    # The outlier is framed apart from the rest (a chunk of its own); a smaller budget cuts the rest.
+    assert len(framed.chunks) == 2 if budget is None else len(framed.chunks) > 2
+    assert budget != 1 or len(framed.chunks) == 400
+    key = np.arange(400) // 100  # runs end where the key changes
+    runs = list(framed.runs(key))
+    assert all(len(set(key[first:stop])) == 1 for first, stop, _ in runs)
+    path = tmp_path / "expected.tfrecord"
+    records = serialize_examples(COLUMNS, values)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in order:
+            writer.write(records[i])
+    assert b"".join(data.tobytes() for _, _, data in runs) == path.read_bytes()

@@ -12,6 +12,11 @@ groups each) and writes::
 The split is decided by a hash of each row's key columns (the whole row by
 default), so it does not depend on row order or chunking, duplicate rows never
 straddle train and test, and a re-run with the same input writes the same bytes.
+Within a shard, each Parquet row group's rows are sorted by that hash mixed with
+``training.seed`` (``shard_assignment``): a shard read front to back is shuffled (a label- or
+time-sorted input included), the same way for the same input and seed, whatever
+the batches and the number of processes. Memory follows bytes, not rows: long
+values are read fewer rows at a time, and framed without widening other rows.
 The manifest holds per-split record counts, the feature schema and a SHA-256 per
 shard; readers take a shard set as finished only when its manifest is there.
 
@@ -35,16 +40,19 @@ import numpy as np
 import pandas as pd
 
 from tfjobs import cli
-from tfjobs.storage.examples import encode_padded
+from tfjobs.storage.examples import DISTINCT_VALUE_BYTES, encode_rows
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
 from tfjobs.storage.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
 from tfjobs.storage.store import write_json
-from tfjobs.storage.tfrecord import COMPRESSION, FRAMING, TFRecordFileWriter, frame_in_place
+from tfjobs.storage.tfrecord import COMPRESSION, TFRecordFileWriter, frame_in_chunks
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-BATCH_ROWS = 65_536
+BATCH_ROWS = 65_536  # rows read at a time, at most
+GROUP_BYTES = 16 << 20  # a row group with at most this many bytes of values (uncompressed) is read whole
+BATCH_BYTES = 4 << 20  # a bigger one this many at a time (long values: fewer rows)
+READ_BUFFER_BYTES = 1 << 20  # Parquet pages are read through a buffer this big, not a whole column chunk at once
 PROCESS_MIN_ROWS = 500_000  # below this, starting a process costs more than it saves
 _BUCKETS = 10_000
 
@@ -61,10 +69,45 @@ def shard_file_name(split: str, index: int, count: int) -> str:
     return f"{split}/part-{index:05d}-of-{count:05d}.tfrecord.gz"
 
 
+def shard_assignment(spec: PipelineSpec, frame, first: int = 0, group_rows: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's shard (an index into the shard files of every split, in ``SPLITS`` order) and its order.
+
+    ``frame`` holds rows ``first``, ``first + 1``, ... of a row group of ``group_rows`` rows (all of
+    it by default). The order is a uint64 per row, unique in its row group, that sorts its rows by
+    shard, then by the row's hash mixed with ``training.seed``, then by position: a shard holds each
+    row group's rows in that order, so reading it front to back is already shuffled, the same way
+    for the same input and seed.
+    """
+    split, shard_hash = split_assignment(spec, frame)
+    first_shard = np.cumsum([0] + [spec.shards[s] for s in SPLITS])[:-1]
+    shards_per_split = np.array([spec.shards[s] for s in SPLITS], np.uint64)
+    shard = first_shard[split] + (shard_hash % shards_per_split[split]).astype(np.int64)
+    shard_bits = int(sum(spec.shards.values()) - 1).bit_length()
+    position_bits = int(max(group_rows or len(frame), 1) - 1).bit_length()
+    hash_bits = 64 - shard_bits - position_bits
+    if hash_bits < 16:
+        raise ValueError(f"{sum(spec.shards.values())} shards and row groups of {group_rows} rows leave too few bits "
+                         "to shuffle rows by: write smaller row groups")
+    order = _mix(shard_hash, spec.training.seed) >> np.uint64(64 - hash_bits) << np.uint64(position_bits)
+    order |= shard.astype(np.uint64) << np.uint64(hash_bits + position_bits)
+    return shard, order | np.arange(first, first + len(frame), dtype=np.uint64)
+
+
+def _mix(values: np.ndarray, seed: int) -> np.ndarray:
+    """SplitMix64 of ``values`` offset by ``seed``: uint64s that look random, and change with the seed."""
+    with np.errstate(over="ignore"):
+        z = values + np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 def split_assignment(spec: PipelineSpec, frame) -> tuple[np.ndarray, np.ndarray]:
     """Each row's split index (into ``SPLITS``) and a hash for picking its shard."""
     key = list(spec.split.key) or list(spec.columns)
-    hashes = pd.util.hash_pandas_object(frame[key], index=False).to_numpy()
+    # categorize=False: the same hashes, without factorizing long strings first (categoricals hash their categories).
+    hashes = pd.util.hash_pandas_object(frame[key], index=False, categorize=False).to_numpy()
     bucket = hashes % np.uint64(_BUCKETS)
     bounds = np.cumsum([spec.split.fractions()[s] for s in SPLITS]) * _BUCKETS
     split = np.searchsorted(bounds[:-1], bucket, side="right")
@@ -201,8 +244,9 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
                       suffix: str, threads: bool = True) -> list[TFRecordFileWriter]:
     """Read the row groups ``row_groups``, and write their records of every shard to ``<shard file><suffix>``.
 
-    Each (row group, shard) pair's records form one gzip member, whatever the batches.
-    ``threads``: whether pyarrow decodes with its thread pool (not when a process per core runs).
+    Each (row group, shard) pair's records form one gzip member, in the order ``shard_assignment``
+    gives them, whatever the batches. ``threads``: whether pyarrow decodes with its thread pool
+    (not when a process per core runs).
     Returns the closed writers, one per shard: what each wrote (records, bytes, SHA-256).
     """
     import pyarrow.parquet as pq
@@ -210,57 +254,87 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
     reuse_freed_memory()
     columns = spec.record_columns()
     names = _shard_names(spec)
-    first_shard = np.cumsum([0] + [spec.shards[split] for split in SPLITS])[:-1]
-    shards_per_split = np.array([spec.shards[split] for split in SPLITS], np.uint64)
     writers = [TFRecordFileWriter(Path(out_dir) / (name + suffix), COMPRESSION) for name in names]
-    member_of = [-1] * len(names)  # the row group whose records each writer's open gzip member holds
-    pending: list[list] = [[] for _ in names]  # and those records, framed, not yet compressed
+    # Each shard's records of this row group, framed, not yet compressed: (bytes, their places, their lengths).
+    pending: list[list] = [[] for _ in names]
 
     def finish_member(index: int) -> None:
         # Compressed in one call: a member's bytes do not depend on where batches cut it.
         if pending[index]:
-            parts = [part for part, _ in pending[index]]
-            framed = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            writers[index].write_framed(framed, sum(records for _, records in pending[index]))
+            framed = _in_place_order(pending[index])
+            writers[index].write_framed(framed, sum(len(places) for _, places, _ in pending[index]))
             pending[index] = []
         writers[index].end_member()
 
     try:
-        # pre_buffer=False: pyarrow would otherwise buffer every row group ahead (memory grows with the file).
-        parquet = pq.ParquetFile(parquet_path, pre_buffer=False)
-        group_ends = np.cumsum([parquet.metadata.row_group(g).num_rows for g in row_groups])
-        read = 0
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=list(row_groups),
-                                          columns=list(spec.columns), use_threads=threads):
-            # Strings as categoricals: each distinct value is hashed and encoded once.
-            frame = batch.to_pandas(strings_to_categorical=True, use_threads=threads)
-            split_index, shard_hash = split_assignment(spec, frame)
-            shard = first_shard[split_index] + (shard_hash % shards_per_split[split_index]).astype(np.int64)
-            group = np.searchsorted(group_ends, np.arange(read, read + len(frame)), side="right")
-            read += len(frame)
-            # Rows of each (row group, shard) together, in input order: each is one slice of the batch.
-            key = group * len(names) + shard
-            order = np.argsort(key, kind="stable")
-            key = key[order]
-            rows = encode_padded(columns, {c.name: _column(frame[c.name])[order] for c in columns}, reserve=FRAMING)
-            framed = frame_in_place(rows)  # the whole batch at once; each slice is a range of its bytes
-            offsets = np.concatenate([[0], np.cumsum(rows.lengths)]).tolist()
-            bounds = [0, *(np.flatnonzero(np.diff(key)) + 1).tolist(), len(key)]
-            for start, stop in zip(bounds[:-1], bounds[1:]):
-                member, index = divmod(int(key[start]), len(names))
-                if member_of[index] != member:
-                    finish_member(index)
-                    member_of[index] = member
-                pending[index].append((framed[offsets[start] : offsets[stop]], stop - start))
-            for index in range(len(names)):  # members of row groups that ended in this batch are complete
-                if member_of[index] < group[-1]:
-                    finish_member(index)
-        for index in range(len(names)):
-            finish_member(index)
+        # pre_buffer=False and a read buffer: pyarrow would otherwise hold every row group, or a whole
+        # column chunk, in memory at once (memory grows with the file, or with the longest column).
+        parquet = pq.ParquetFile(parquet_path, pre_buffer=False, buffer_size=READ_BUFFER_BYTES)
+        for group in row_groups:
+            metadata, read = parquet.metadata.row_group(group), 0
+            for batch in parquet.iter_batches(batch_size=_batch_rows(metadata), row_groups=[group],
+                                              columns=list(spec.columns), use_threads=threads):
+                frame = _frame(batch, threads)
+                del batch
+                shard, place = shard_assignment(spec, frame, read, metadata.num_rows)
+                read += len(frame)
+                order = np.argsort(place)  # each shard's rows together, in their places (each place is unique)
+                records = encode_rows(columns, {c.name: _column(frame[c.name]) for c in columns})
+                del frame
+                framed = frame_in_chunks(records, order)
+                del records
+                shard, place = shard[order], place[order]
+                for first, stop, data in framed.runs(shard):
+                    lengths = framed.end[first:stop] - framed.start[first:stop]
+                    pending[shard[first]].append((data, place[first:stop], lengths))
+                del framed
+            for index in range(len(names)):  # the row group's members are complete
+                finish_member(index)
     finally:
         for writer in writers:
             writer.close()
     return writers
+
+
+def _in_place_order(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """A member's framed records, sorted by place: each batch's parts are; the batches of a row group
+    too big to read whole are merged (one copy of the member, a Python step per record)."""
+    places = np.concatenate([places for _, places, _ in parts])
+    if (places[1:] > places[:-1]).all():
+        return parts[0][0] if len(parts) == 1 else np.concatenate([data for data, _, _ in parts])
+    views = [memoryview(data) for data, _, _ in parts]
+    part = np.repeat(np.arange(len(parts)), [len(places) for _, places, _ in parts])
+    ends = np.concatenate([np.cumsum(lengths) for _, _, lengths in parts])
+    lengths = np.concatenate([lengths for _, _, lengths in parts])
+    order = np.argsort(places)
+    records = zip(part[order].tolist(), ends[order].tolist(), lengths[order].tolist())
+    return np.frombuffer(b"".join([views[p][e - n : e] for p, e, n in records]), np.uint8)
+
+
+def _batch_rows(row_group) -> int:
+    """Rows to read at a time: the whole row group when it holds at most ``GROUP_BYTES`` (then its
+    members need no merging), else about ``BATCH_BYTES`` of values at a time."""
+    size = max(row_group.total_byte_size, 1)  # uncompressed
+    if size <= GROUP_BYTES:
+        return max(1, min(BATCH_ROWS, row_group.num_rows))
+    return int(max(1, min(BATCH_ROWS, BATCH_BYTES * row_group.num_rows // size)))
+
+
+def _frame(batch, threads: bool) -> pd.DataFrame:
+    """A record batch as pandas: strings as categoricals (each distinct value hashed and encoded once),
+    long ones as their UTF-8 bytes, one per row (finding the repeats would cost more than it saves;
+    bytes hash as their string does, and go into records as they are)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    long = [name for name, column in zip(batch.schema.names, batch.columns)
+            if pa.types.is_string(column.type) and len(column)
+            and pc.sum(pc.binary_length(column)).as_py() >= DISTINCT_VALUE_BYTES * len(column)]
+    frame = batch.drop_columns(long).to_pandas(strings_to_categorical=True, use_threads=threads)
+    for name in long:
+        values = batch.column(name).cast(pa.binary()).to_numpy(zero_copy_only=False)
+        frame[name] = pd.Series(values, dtype=object, index=frame.index)
+    return frame
 
 
 def reuse_freed_memory() -> None:

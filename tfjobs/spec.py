@@ -101,9 +101,15 @@ class TrainingSpec:
     loop: str = "fit"  # fit | custom (tfjobs.custom_loop); see tfjobs.choices.TRAINING_LOOPS
     wide_learning_rate: float = 0.01  # custom loop: SGD's learning rate for a wide & deep model's wide part
     jit_compile: str = "auto"  # auto | true | false: XLA for the training step
+    # The same seed gives the same weights (TensorFlow backend): seeded ops, deterministic kernels and an
+    # input pipeline whose parallel steps keep their order. Slower: tf.data may not hand over whichever
+    # element is ready first, and some kernels have slower deterministic versions (on a GPU especially).
+    deterministic: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "jit_compile", str(self.jit_compile).lower())
+        if not isinstance(self.deterministic, bool):
+            raise SpecError(f"training.deterministic must be true or false, got {self.deterministic!r}")
         if self.loop not in choices.TRAINING_LOOPS:
             raise SpecError(f"training.loop {self.loop!r} is not one of {sorted(choices.TRAINING_LOOPS)}")
         if self.loss and self.loss not in choices.LOSSES:
@@ -137,12 +143,21 @@ class TrainingSpec:
         for key, value in overrides.items():
             if key not in types:
                 raise SpecError(f"Unknown training setting {key!r}; known settings: {sorted(types)}")
-            caster = {"int": int, "float": float, "str": str}[types[key]]
+            caster = {"int": int, "float": float, "str": str, "bool": self._boolean}[types[key]]
             try:
                 changes[key] = caster(value)
             except (TypeError, ValueError):
                 raise SpecError(f"Training setting {key!r} must be {types[key]}, got {value!r}") from None
         return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def _boolean(value: Any) -> bool:
+        """A Param's or ``--set``'s true/false, as JSON or as text."""
+        if isinstance(value, bool):
+            return value
+        if str(value).strip().lower() in ("true", "false"):
+            return str(value).strip().lower() == "true"
+        raise ValueError(value)
 
 
 @dataclass(frozen=True)

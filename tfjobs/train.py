@@ -229,6 +229,22 @@ def configure_devices():
     return tf.distribute.get_strategy()
 
 
+def enable_determinism() -> None:
+    """Deterministic kernels from here on, in this process (``training.deterministic``).
+
+    With the seed set (``keras.utils.set_random_seed``) and the input pipeline in a fixed order,
+    the same inputs and settings give the same weights. TensorFlow's kernels only: under another
+    backend the seed and the input order still apply (JAX on a GPU has its own switch,
+    ``XLA_FLAGS=--xla_gpu_deterministic_ops=true``).
+    """
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+
+
 def compile_for_task(model, spec: PipelineSpec, settings: TrainingSpec) -> None:
     """Adam, the spec's loss and the task's streaming metrics; ``fit()`` and the custom loop both use them."""
     import keras
@@ -264,6 +280,8 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             "use loop=fit, or limit the task to one GPU (CUDA_VISIBLE_DEVICES) and one worker"
         )
     keras.utils.set_random_seed(settings.seed)
+    if settings.deterministic:
+        enable_determinism()
     preprocessor = FeaturePreprocessor(state)
 
     def fits_in_memory(shards) -> bool:
@@ -291,6 +309,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             shuffle_rows=settings.shuffle_buffer if for_training else 0,
             seed=settings.seed,
             cache=fits_in_memory(shards),
+            deterministic=settings.deterministic,
         )
         return shard_by_batch(batches) if multi_worker else batches
 

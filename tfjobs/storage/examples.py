@@ -13,16 +13,23 @@ the protobuf wire format for a whole column at a time:
     Int64List = 0x0A len <varint>               (packed, one value)
     BytesList = 0x0A len <bytes>
 
-Rows are built in a padded byte matrix, one row per record and one block of
-columns per feature, with a mask of the bytes that count; ``matrix[mask]`` is
-then every record back to back, in order. Fixed-width pieces (floats, keys) need
-no mask; variable ones (strings, varints) are padded to their longest value.
+:func:`encode_rows` turns the columns into the pieces every record is made of,
+unpadded: the same bytes in every row, a small array per row, or each row's pick
+from a table of distinct values (a string column's values are stored once).
+:meth:`EncodedRows.padded` then builds any subset of the rows in a padded byte
+matrix, one row per record and one block of columns per piece, with a mask of the
+bytes that count; ``matrix[mask]`` is then those records back to back, in order.
+Fixed-width pieces (floats, keys) need no mask; variable ones (strings, varints)
+are padded to the longest value among those rows, so a caller that builds rows a
+few at a time bounds the matrix by bytes (``tfjobs.storage.tfrecord.frame_in_chunks``:
+one long value does not widen every other row's).
 The output parses with ``tf.io.parse_example`` exactly like a message built with
 ``tf.train.Example`` (the tests check both, byte for byte).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -114,27 +121,103 @@ class RecordPiece:
     constant: bytes = b""  # the bytes, when they are the same in every row
     data: np.ndarray | None = None  # uint8 [rows, width], when they are not
     lengths: np.ndarray | None = None  # bytes used per row, when rows are padded
-    codes: np.ndarray | None = None  # or row i's bytes are table[codes[i]]: the codes
-    table: np.ndarray | None = None  # and the table of distinct values (uint8 [values, width])
-    table_lengths: np.ndarray | None = None  # bytes used per table row
+    codes: np.ndarray | None = None  # or row i's bytes are values[codes[i]]: the codes
+    values: Sequence[bytes] | None = None  # and the distinct values
+    table_lengths: np.ndarray | None = None  # bytes of each value
+    table: np.ndarray | None = None  # the values padded (uint8 [values, width]), when few rows each
 
     @property
     def varies(self) -> bool:
         return self.data is not None or self.codes is not None
 
+    def take(self, rows: np.ndarray | slice | None) -> RecordPiece:
+        """This piece for ``rows`` only (all of them, in order, when None)."""
+        if rows is None or not self.varies:
+            return self
+        data = self.data[rows] if isinstance(rows, slice) else _as_void(self.data)[rows].view(np.uint8)
+        return RecordPiece(self.width, data=data.reshape(-1, self.width),
+                           lengths=None if self.lengths is None else self.lengths[rows])
 
-def encode_padded(
-    columns: Sequence[Column], values: Mapping[str, np.ndarray], reserve: tuple[int, int] = (0, 0)
-) -> PaddedRows:
-    """Every row's serialized Example as padded rows, assembled in one matrix.
+    def row_lengths(self) -> np.ndarray | int:
+        return self.width if self.lengths is None else self.lengths
 
-    ``reserve`` adds that many always-valid zero bytes before and after each record,
-    which a caller can fill in place (TFRecord framing: 12 bytes before, 4 after).
+
+@dataclass(frozen=True)
+class ValuePiece:
+    """Row i's bytes are ``values[codes[i]]``: each distinct value stored once, unpadded.
+
+    Padded only when rows are built (:meth:`take`), to the longest value those rows use.
     """
+
+    codes: np.ndarray  # int [rows]
+    values: Sequence[bytes]
+    value_lengths: np.ndarray  # int64 [values]
+
+    def take(self, rows: np.ndarray | slice | None) -> RecordPiece:
+        """The values ``rows`` use, and each row's index among them; as wide as the longest of them."""
+        codes = self.codes if rows is None else self.codes[rows]
+        used = np.zeros(len(self.values), bool)
+        used[codes] = True
+        if used.all():
+            values = self.values
+        else:
+            picked = np.flatnonzero(used).tolist()
+            values = [self.values[i] for i in picked]
+            codes = (np.cumsum(used) - 1)[codes]
+        lengths = np.array([len(v) for v in values], np.int64)
+        width = int(lengths.max(initial=0))
+        table = None
+        if len(values) * _ROWS_PER_TABLE_VALUE <= len(codes):  # values repeat: pad them once, then copy by row
+            table = np.zeros((len(values), width), np.uint8)
+            for row, value in zip(table, values):
+                row[: len(value)] = np.frombuffer(value, np.uint8)
+        padded = (lengths != width).any()
+        return RecordPiece(width, lengths=lengths[codes] if padded else None, codes=codes, values=values,
+                           table_lengths=lengths, table=table)
+
+    def row_lengths(self) -> np.ndarray:
+        return self.value_lengths[self.codes]
+
+
+_ROWS_PER_TABLE_VALUE = 4
+
+
+@dataclass(frozen=True)
+class EncodedRows:
+    """Every row's serialized Example as the pieces it is made of, unpadded; ``padded`` builds rows from them."""
+
+    pieces: tuple[RecordPiece | ValuePiece, ...]
+    lengths: np.ndarray  # int64 [rows]: each record's bytes
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def width(self, rows: np.ndarray | slice | None = None) -> int:
+        """How wide the padded matrix of ``rows`` (all, when None) is: each piece as wide as its longest there."""
+        width = 0
+        for piece in self.pieces:
+            if isinstance(piece, ValuePiece):
+                codes = piece.codes if rows is None else piece.codes[rows]
+                width += int(piece.value_lengths[codes].max(initial=0))
+            else:
+                width += piece.width
+        return width
+
+    def padded(self, rows: np.ndarray | slice | None = None, reserve: tuple[int, int] = (0, 0)) -> PaddedRows:
+        """The records of ``rows`` (all, when None), in that order, as padded rows.
+
+        ``reserve`` adds that many always-valid zero bytes before and after each record,
+        which a caller can fill in place (TFRecord framing: 12 bytes before, 4 after).
+        """
+        return _assemble(tuple(piece.take(rows) for piece in self.pieces), reserve)
+
+
+def encode_rows(columns: Sequence[Column], values: Mapping[str, np.ndarray]) -> EncodedRows:
+    """Every row's serialized Example, as pieces (see :class:`EncodedRows`)."""
     if not columns:
         raise ValueError("encode_examples needs at least one column")
     n = len(values[columns[0].name])
-    pieces: list[RecordPiece] = []
+    pieces: list[RecordPiece | ValuePiece] = []
     for column in columns:
         column_values = values[column.name]
         if not hasattr(column_values, "codes"):  # a pd.Categorical keeps its codes
@@ -142,34 +225,59 @@ def encode_padded(
         if len(column_values) != n:
             raise ValueError(f"Column {column.name!r} has {len(column_values)} values, expected {n}")
         pieces.extend(_ENCODERS[column.dtype](column.name.encode(), column_values))
-    fixed = sum(p.width for p in pieces if p.lengths is None)
-    feature_lengths = sum((p.lengths for p in pieces if p.lengths is not None), np.full(n, fixed, np.int64))
-    body = (RecordPiece(1, b"\x0a"), _varint_piece(feature_lengths), *pieces)
-    pieces = [RecordPiece(reserve[0], bytes(reserve[0])), *body, RecordPiece(reserve[1], bytes(reserve[1]))]
+    fixed = sum(p.width for p in pieces if isinstance(p, RecordPiece) and p.lengths is None)
+    varying = [p.row_lengths() for p in pieces if not (isinstance(p, RecordPiece) and p.lengths is None)]
+    feature_lengths = sum(varying, np.full(n, fixed, np.int64))
+    size = _varint_piece(feature_lengths)
+    return EncodedRows((RecordPiece(1, b"\x0a"), size, *pieces), 1 + size.row_lengths() + feature_lengths)
 
+
+def encode_padded(
+    columns: Sequence[Column], values: Mapping[str, np.ndarray], reserve: tuple[int, int] = (0, 0)
+) -> PaddedRows:
+    """Every row's serialized Example as padded rows, assembled in one matrix (see :meth:`EncodedRows.padded`)."""
+    return encode_rows(columns, values).padded(reserve=reserve)
+
+
+def _assemble(body: tuple[RecordPiece, ...], reserve: tuple[int, int]) -> PaddedRows:
+    """The padded matrix of records made of ``body``, with ``reserve`` bytes before and after each."""
+    n = len(next(p.codes if p.codes is not None else p.data for p in body if p.varies))
+    pieces = [RecordPiece(reserve[0], bytes(reserve[0])), *body, RecordPiece(reserve[1], bytes(reserve[1]))]
     width = sum(p.width for p in pieces)
-    template = np.zeros(width, np.uint8)
     starts = np.cumsum([0] + [p.width for p in pieces])[:-1].tolist()
-    for start, piece in zip(starts, pieces):
-        if piece.constant:
-            template[start : start + piece.width] = np.frombuffer(piece.constant, np.uint8)
-    data = np.empty((n, width), np.uint8)
-    data[:] = template
-    # Per-row pieces are copied as one opaque field per row (a structured view), not byte by byte.
-    varying = [(start, piece) for start, piece in zip(starts, pieces) if piece.varies]
-    for field, (_, piece) in zip(_fields(data, varying), varying):
-        field[:] = _as_void(piece.table)[piece.codes] if piece.codes is not None else _as_void(piece.data)
     padded = [(start, piece) for start, piece in zip(starts, pieces) if piece.lengths is not None]
     valid = None
     lengths = np.full(n, width, np.int64)
     if padded:
         valid = np.empty((n, width), bool)
         valid[:] = True
-        for field, (_, piece) in zip(_fields(valid, padded), padded):
-            # A padded piece's valid bytes, by row: a mask per length, picked by each row's length.
-            masks = np.arange(piece.width + 1)[:, None] > np.arange(piece.width)
-            field[:] = _as_void(masks.view(np.uint8))[piece.lengths]
+        for field, (start, piece) in zip(_fields(valid, padded), padded):
+            if piece.width < n:  # a mask per length, picked by each row's length
+                masks = np.arange(piece.width + 1)[:, None] > np.arange(piece.width)
+                field[:] = _as_void(masks.view(np.uint8))[piece.lengths]
+            else:  # few rows, long values: fewer masks than lengths
+                valid[:, start : start + piece.width] = np.arange(piece.width) < piece.lengths[:, None]
             lengths -= piece.width - piece.lengths
+    template = np.zeros(width, np.uint8)
+    for start, piece in zip(starts, pieces):
+        if piece.constant:
+            template[start : start + piece.width] = np.frombuffer(piece.constant, np.uint8)
+    data = np.empty((n, width), np.uint8)
+    data[:] = template
+    # Per-row pieces are copied as one opaque field per row (a structured view), not byte by byte.
+    varying = [(start, piece) for start, piece in zip(starts, pieces) if piece.varies and piece.width]
+    for field, (start, piece) in zip(_fields(data, varying), varying):
+        if piece.data is not None:
+            field[:] = _as_void(piece.data)
+        elif piece.table is not None:
+            field[:] = _as_void(piece.table)[piece.codes]
+        else:  # values mostly distinct (long strings): joined, then into the bytes of the rows that are theirs
+            joined = np.frombuffer(b"".join([piece.values[code] for code in piece.codes.tolist()]), np.uint8)
+            columns = data[:, start : start + piece.width]
+            if piece.lengths is None:
+                columns[:] = joined.reshape(n, piece.width)
+            else:
+                columns[valid[:, start : start + piece.width]] = joined
     return PaddedRows(data, valid, lengths, body)
 
 
@@ -202,6 +310,7 @@ def _varint_piece(values: np.ndarray) -> RecordPiece:
     return RecordPiece(width, data=groups, lengths=None if (lengths == width).all() else lengths)
 
 
+@functools.lru_cache(maxsize=4096)
 def _entry_prefix(key: bytes, feature_tag: int, payload_length: int) -> bytes:
     """A map entry's bytes up to its one value, for a value of ``payload_length`` bytes."""
     list_length = 1 + len(_varint_bytes(payload_length)) + payload_length
@@ -234,16 +343,20 @@ def _encode_float32(key: bytes, values: np.ndarray) -> list[RecordPiece]:
     return [RecordPiece(len(prefix), prefix), RecordPiece(4, data=floats)]
 
 
-def _encode_int64(key: bytes, values: np.ndarray) -> list[RecordPiece]:
+def _encode_int64(key: bytes, values: np.ndarray) -> list[RecordPiece | ValuePiece]:
     varints = _varint_piece(np.asarray(values, np.int64).view(np.uint64))
-    lengths = varints.width if varints.lengths is None else varints.lengths
     # The prefix depends on the varint's length (1..10 bytes); all prefixes have the same width.
-    table = np.stack([np.frombuffer(_entry_prefix(key, 0x1A, n), np.uint8) for n in range(1, 11)])
-    codes = np.broadcast_to(lengths, (len(values),)) - 1
-    return [RecordPiece(table.shape[1], codes=codes, table=table), varints]
+    prefixes = [_entry_prefix(key, 0x1A, n) for n in range(1, 11)]
+    codes = np.broadcast_to(varints.row_lengths(), (len(values),)) - 1
+    return [ValuePiece(codes, prefixes, np.array([len(p) for p in prefixes], np.int64)), varints]
 
 
-def _encode_string(key: bytes, values) -> list[RecordPiece]:
+#: Mean length (bytes) above which a string column's values are taken as distinct, one per row, not
+#: factorized: hashing long values to find the few repeated ones costs more than it saves.
+DISTINCT_VALUE_BYTES = 256
+
+
+def _encode_string(key: bytes, values) -> list[ValuePiece]:
     """Each distinct value is encoded once; rows pick theirs by index (a ``pd.Categorical``'s codes if given)."""
     import pandas as pd
 
@@ -252,15 +365,21 @@ def _encode_string(key: bytes, values) -> list[RecordPiece]:
         if (inverse < 0).any():
             raise ValueError(f"Column {key.decode()!r} has missing values: a string feature needs a value in every row")
     else:
-        inverse, uniques = pd.factorize(np.asarray(values).astype(object), use_na_sentinel=False)
-    segments = [_entry_prefix(key, 0x0A, len(e)) + e for e in (str(u).encode() for u in uniques)]
-    lengths = np.array([len(s) for s in segments], np.int64)
-    table = np.zeros((len(segments), int(lengths.max(initial=0))), np.uint8)
-    for i, segment in enumerate(segments):
-        table[i, : len(segment)] = np.frombuffer(segment, np.uint8)
-    padded = (lengths != table.shape[1]).any()
-    return [RecordPiece(table.shape[1], lengths=lengths[inverse] if padded else None,
-                        codes=inverse, table=table, table_lengths=lengths)]
+        values = np.asarray(values).astype(object)
+        if len(values) and sum(map(len, map(_utf8, values))) >= DISTINCT_VALUE_BYTES * len(values):
+            return [_value_piece(key, np.arange(len(values)), list(map(_utf8, values)))]
+        inverse, uniques = pd.factorize(values, use_na_sentinel=False)
+    return [_value_piece(key, inverse, list(map(_utf8, uniques)))]
+
+
+def _utf8(value) -> bytes:
+    """A string value's bytes (bytes as they are: a string column read from Arrow as binary)."""
+    return value if type(value) is bytes else str(value).encode()
+
+
+def _value_piece(key: bytes, codes: np.ndarray, encoded: list[bytes]) -> ValuePiece:
+    segments = [_entry_prefix(key, 0x0A, len(e)) + e for e in encoded]
+    return ValuePiece(codes, segments, np.array([len(s) for s in segments], np.int64))
 
 
 _ENCODERS = {"float32": _encode_float32, "int64": _encode_int64, "string": _encode_string}

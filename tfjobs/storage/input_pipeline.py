@@ -48,6 +48,7 @@ CACHE_LIMIT_BYTES = 512 << 20
 DOWNLOAD_WORKERS = 8
 READERS = max(2, os.cpu_count() or 2)  # files read at once
 BLOCK_RECORDS = 256  # records a reader hands over at a time
+REMIX_WINDOWS = 8  # cached windows whose rows are permuted together, each epoch
 FILES_PER_CYCLE = 4  # files a streamed cache must hold per interleave cycle slot
 STALL_TIMEOUT_S = 600
 
@@ -143,14 +144,15 @@ class ShardSet:
             log.warning("Shard %s failed its checksum (attempt %d)", self.uris[index], attempt)
         raise ChecksumMismatchError(f"{self.uris[index]} does not match the SHA-256 in {self.manifest_uri}")
 
-    def record_blocks(self, *, shuffle: bool = False, seed: int | None = None):
+    def record_blocks(self, *, shuffle: bool = False, seed: int | None = None, deterministic: bool = False):
         """Serialized records in blocks of up to ``BLOCK_RECORDS``, read from ``cycle`` files at a time.
 
         Measured on 2 cores (benchmarks/bench_input.py): handing records one by one
         between a parallel interleave's threads costs more than reading them, and one
         reader alone is held back by GZIP; readers that each hand over blocks of a few
         hundred records, one per core, read twice as fast as a plain TFRecordDataset.
-        With ``shuffle`` the file order changes every epoch.
+        With ``shuffle`` the file order changes every epoch, and the readers hand over
+        whichever block is ready first, unless ``deterministic`` (then in turn).
         """
         import tensorflow as tf
 
@@ -167,7 +169,7 @@ class ShardSet:
             lambda path: reader(path).batch(BLOCK_RECORDS),
             cycle_length=self.cycle,
             num_parallel_calls=self.cycle,
-            deterministic=not shuffle,
+            deterministic=deterministic or not shuffle,
         )
 
     def record_dataset(self, *, shuffle: bool = False, seed: int | None = None):
@@ -307,17 +309,21 @@ def training_batches(
     shuffle_rows: int = 0,
     seed: int | None = None,
     cache: bool = False,
+    deterministic: bool = False,
 ):
     """(preprocessed features, encoded label) batches for ``fit()``, prefetched.
 
     Records are read, parsed and preprocessed in windows of ``shuffle_rows`` rows
     (rounded up to whole batches): one ``parse_example`` and one preprocessing call
     per window instead of per batch. With ``shuffle_rows``, the file order changes
-    every epoch, the readers mix blocks of records from several files, and each window's
-    rows are permuted anew every epoch before it is cut into batches; this mixes as
-    well as a ``shuffle()`` buffer of the same size without paying for it record by
-    record. With ``cache`` the preprocessed windows stay in memory after the first
-    epoch, and later epochs only permute and cut.
+    every epoch, the readers mix blocks of records from several files (each shard is
+    already in a seeded random order, ``tfjobs.shard``), and each window's rows are
+    permuted anew every epoch before it is cut into batches; this mixes as well as a
+    ``shuffle()`` buffer of the same size without paying for it record by record.
+    With ``cache`` the preprocessed windows stay in memory after the first epoch;
+    later epochs shuffle all of them, and permute rows across ``REMIX_WINDOWS`` windows
+    at a time, so that a batch is not drawn from the same window every epoch.
+    ``deterministic``: the same seed gives the same batches (the readers take turns).
     """
     import tensorflow as tf
 
@@ -334,7 +340,7 @@ def training_batches(
         return preprocessor.call(batch), preprocessor.encode_label(target)
 
     dataset = (
-        shards.record_blocks(shuffle=bool(shuffle_rows), seed=seed)
+        shards.record_blocks(shuffle=bool(shuffle_rows), seed=seed, deterministic=deterministic)
         .rebatch(window)
         .map(parse_and_preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     )
@@ -342,12 +348,19 @@ def training_batches(
         dataset = dataset.cache()
     if shuffle_rows:
         windows = -(-shards.records // window)
-        dataset = dataset.shuffle(min(windows, 16), seed=seed, reshuffle_each_iteration=True)
+        # Cached windows are in memory already: a buffer of all of them costs references, not copies.
+        dataset = dataset.shuffle(windows if cache else min(windows, 16), seed=seed, reshuffle_each_iteration=True)
+        if cache:
+            dataset = dataset.rebatch(REMIX_WINDOWS * window)
         # One random seed per window, new every epoch, so the permutations run in parallel.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
         dataset = tf.data.Dataset.zip(dataset, seeds).map(_permute_rows, num_parallel_calls=tf.data.AUTOTUNE)
-    if window != batch_size:
+    if window != batch_size or (cache and shuffle_rows):
         dataset = dataset.rebatch(batch_size)
+    if deterministic:
+        options = tf.data.Options()
+        options.deterministic = True
+        dataset = dataset.with_options(options)
     return dataset.apply(tf.data.experimental.assert_cardinality(-(-shards.records // batch_size))).prefetch(
         tf.data.AUTOTUNE
     )

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
 from isal import isal_zlib
 
-from tfjobs.storage.examples import PaddedRows
+from tfjobs.storage.examples import EncodedRows, PaddedRows
 
 _MASK_DELTA = 0xA282EAD8
 COMPRESSIONS = ("GZIP", "")
@@ -53,15 +55,94 @@ def frame_in_place(rows: PaddedRows) -> np.ndarray:
         return rows.compact()
     lengths = rows.lengths - sum(FRAMING)
     crcs = record_crc32c(rows)
-    # Records of one length share the length's CRC: one per length between the shortest and the longest.
-    shortest = int(lengths.min())
-    length_crcs = np.array([masked_crc32c(n.to_bytes(8, "little")) for n in range(shortest, int(lengths.max()) + 1)],
-                           np.uint32)[lengths - shortest]
+    # Records of one length share the length's CRC: one per length between the shortest and the longest,
+    # or, when they are far apart (a few long records among short ones), one per distinct length.
+    shortest, longest = int(lengths.min()), int(lengths.max())
+    if longest - shortest < len(lengths):
+        distinct, which = np.arange(shortest, longest + 1), lengths - shortest
+    else:
+        distinct, which = np.unique(lengths, return_inverse=True)
+    length_crcs = np.array([masked_crc32c(n.to_bytes(8, "little")) for n in distinct.tolist()], np.uint32)[which]
     data[:, 0:8] = lengths.astype("<u8").view(np.uint8).reshape(-1, 8)
     data[:, 8:12] = length_crcs.astype("<u4").view(np.uint8).reshape(-1, 4)
     # The record's CRC goes right after its last valid byte: into the last 4 columns, which are always valid.
     data[:, -4:] = _mask(crcs).astype("<u4").view(np.uint8).reshape(-1, 4)
     return rows.compact()  # a contiguous uint8 array: written and hashed without another copy
+
+
+#: Framed bytes of padded rows built at a time (the matrix, its mask and the framed copy are about 3x this).
+CHUNK_BYTES = 32 << 20
+#: A record longer than this many times the median of its batch is an outlier: it is framed with
+#: the other outliers, so that it does not widen the padded rows of every other record.
+OUTLIER_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class FramedRecords:
+    """Framed records, built a chunk at a time: position i's bytes are ``chunks[chunk[i]][start[i]:end[i]]``."""
+
+    chunks: list[np.ndarray]
+    chunk: np.ndarray  # int64 [records]
+    start: np.ndarray  # int64 [records]
+    end: np.ndarray  # int64 [records]
+
+    def runs(self, key: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(first, stop, bytes)`` of each run of positions of one ``key`` whose bytes lie back to back."""
+        if not len(key):
+            return
+        # Positions of one chunk are consecutive in it: a run ends where the chunk or the key changes.
+        cuts = np.flatnonzero((self.chunk[1:] != self.chunk[:-1]) | (key[1:] != key[:-1])) + 1
+        bounds = [0, *cuts.tolist(), len(key)]
+        for first, stop in zip(bounds[:-1], bounds[1:]):
+            yield first, stop, self.chunks[self.chunk[first]][self.start[first] : self.end[stop - 1]]
+
+
+def frame_in_chunks(records: EncodedRows, order: np.ndarray | None = None, budget: int | None = None
+                    ) -> FramedRecords:
+    """The records ``order`` lists (all, when None), framed, in padded matrices of at most ``budget``
+    bytes (``CHUNK_BYTES``) each.
+
+    Memory follows bytes, not rows: the usual records are built in order, as many at a
+    time as ``budget`` holds at their width; the outliers (longer than ``OUTLIER_FACTOR``
+    times the median) are built among themselves, so one long value widens no one
+    else's row. The bytes do not depend on the chunks: each record is the same bytes
+    however it was built.
+    """
+    budget = budget or CHUNK_BYTES
+    count = len(records) if order is None else len(order)
+
+    def rows(positions):
+        return positions if order is None else order[positions]
+
+    lengths = records.lengths[rows(slice(None))] + sum(FRAMING)
+    outlier = np.zeros(count, bool)
+    if count and lengths.max() > OUTLIER_FACTOR * lengths.min():  # else there can be none
+        outlier = lengths > OUTLIER_FACTOR * np.median(lengths)
+    groups: list = []  # the positions of each chunk: slices, or arrays when outliers are left out
+    if outlier.any():
+        usual = np.flatnonzero(~outlier)
+        per_chunk = max(1, budget // (records.width(rows(usual)) + sum(FRAMING)))
+        groups += [usual[i : i + per_chunk] for i in range(0, len(usual), per_chunk)]
+    elif count:
+        per_chunk = max(1, budget // (records.width() + sum(FRAMING)))
+        groups += [slice(i, i + per_chunk) for i in range(0, count, per_chunk)]
+    first, widest = 0, 0
+    outliers = np.flatnonzero(outlier)
+    for i, length in enumerate(lengths[outliers].tolist()):  # outliers in order, as many as fit the budget
+        if i > first and (i - first + 1) * max(widest, length) > budget:
+            groups.append(outliers[first:i])
+            first, widest = i, 0
+        widest = max(widest, length)
+    if len(outliers):
+        groups.append(outliers[first:])
+    chunks = []
+    chunk, start, end = (np.zeros(count, np.int64) for _ in range(3))
+    for index, positions in enumerate(groups):
+        padded = records.padded(rows(positions), reserve=FRAMING)
+        chunks.append(frame_in_place(padded))
+        ends = np.cumsum(padded.lengths)
+        chunk[positions], start[positions], end[positions] = index, ends - padded.lengths, ends
+    return FramedRecords(chunks, chunk, start, end)
 
 
 def record_crc32c(rows: PaddedRows) -> np.ndarray:
@@ -89,28 +170,20 @@ def record_crc32c(rows: PaddedRows) -> np.ndarray:
         end = width
         for piece in reversed(run):
             end -= piece.width
-            if not piece.varies:
-                continue
-            distances = range(width - end - 1, width - end - 1 - piece.width, -1)  # of each byte to the run's end
-            if piece.codes is not None:  # one contribution per distinct value, then a lookup per row
-                contribution = np.zeros(len(piece.table), np.uint32)
-                for j, distance in enumerate(distances):
-                    contribution ^= _byte_tables(distance)[piece.table[:, j]]
-                register = register ^ contribution[piece.codes]
-            else:
+            if piece.varies:
+                distances = range(width - end - 1, width - end - 1 - piece.width, -1)  # of each byte to the run's end
                 for j, distance in enumerate(distances):
                     register = register ^ _byte_tables(distance)[piece.data[:, j]]
         run.clear()
         return register
 
     for piece in rows.body:
-        if piece.lengths is None:
+        if piece.codes is None and piece.lengths is None:
             run.append(piece)
             continue
-        register = np.broadcast_to(np.asarray(fold_run(register), np.uint32), piece.lengths.shape)
-        if piece.codes is not None:  # each distinct value's length and CRC, then a lookup per row
-            contribution = np.array([_crc0(row[:n].tobytes()) for row, n in zip(piece.table, piece.table_lengths)],
-                                    np.uint32)
+        register = np.broadcast_to(np.asarray(fold_run(register), np.uint32), rows.lengths.shape)
+        if piece.codes is not None:  # each table value's CRC, then a shift by its length and a lookup per row
+            contribution = np.array([_crc0(value) for value in piece.values], np.uint32)
             register = _shift_by_code(register, piece.codes, piece.table_lengths) ^ contribution[piece.codes]
         else:  # rows grouped by their length
             register = register.copy()
@@ -170,12 +243,31 @@ def _shift(register, count: int):
             ^ tables[2][(register >> 16) & 0xFF] ^ tables[3][register >> 24])
 
 
+#: Up to this many distinct lengths, a shift by each row's length is one lookup in stacked tables.
+_STACKED_SHIFTS = 32
+
+
 def _shift_by_code(register: np.ndarray, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Row i's register after ``counts[codes[i]]`` zero bytes."""
-    tables = np.stack([_shift_tables(int(n)) for n in counts]).reshape(-1)  # [codes, 4, 256]
-    base = codes.astype(np.intp) * 1024
-    return (tables[base + (register & 0xFF)] ^ tables[base + 256 + ((register >> 8) & 0xFF)]
-            ^ tables[base + 512 + ((register >> 16) & 0xFF)] ^ tables[base + 768 + (register >> 24)])
+    """Row i's register after ``counts[codes[i]]`` zero bytes.
+
+    The tables go by distinct count, not by code: a table of distinct values (long
+    strings, each different) has few lengths, or, when it has many, is shifted by
+    the shortest and then by each power of two the rest of a row's length holds.
+    """
+    distinct, which = np.unique(counts, return_inverse=True)
+    if len(distinct) == 1:
+        return _shift(register, int(distinct[0]))
+    if len(distinct) <= _STACKED_SHIFTS:
+        tables = np.stack([_shift_tables(int(n)) for n in distinct]).reshape(-1)  # [lengths, 4, 256]
+        base = which[codes].astype(np.intp) * 1024
+        return (tables[base + (register & 0xFF)] ^ tables[base + 256 + ((register >> 8) & 0xFF)]
+                ^ tables[base + 512 + ((register >> 16) & 0xFF)] ^ tables[base + 768 + (register >> 24)])
+    rest = (counts - distinct[0])[codes]
+    register = _shift(register, int(distinct[0]))
+    for bit in range(int(rest.max()).bit_length()):
+        rows = np.flatnonzero((rest >> bit) & 1)
+        register[rows] = _shift(register[rows], 1 << bit)
+    return register
 
 
 def _byte_tables(distance: int) -> np.ndarray:
@@ -185,7 +277,12 @@ def _byte_tables(distance: int) -> np.ndarray:
 
 def _crc0(data: bytes) -> int:
     """The CRC register's change over ``data`` from a zero register (no initial value, no final XOR)."""
-    return google_crc32c.value(data) ^ google_crc32c.value(bytes(len(data)))
+    return google_crc32c.value(data) ^ _zeros_crc(len(data))
+
+
+@functools.lru_cache(maxsize=4096)
+def _zeros_crc(count: int) -> int:
+    return google_crc32c.value(bytes(count))
 
 
 def _mask(crcs: np.ndarray) -> np.ndarray:
