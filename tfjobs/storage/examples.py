@@ -1,4 +1,4 @@
-"""``tf.train.Example`` records for flat tabular rows, serialized in bulk with NumPy.
+"""``tf.train.Example`` records for flat rows, serialized in bulk with NumPy.
 
 Building one ``tf.train.Example`` message per row, as tutorials do, costs a few
 microseconds of Python per value. A tabular shard has one value per feature, so
@@ -34,6 +34,8 @@ DTYPES = {
     "float32": {"arrow": "float32", "tensorflow": "float32"},
     "int64": {"arrow": "int64", "tensorflow": "int64"},
     "string": {"arrow": "string", "tensorflow": "string"},
+    # Encoded files (an image's PNG or JPEG bytes): binary in Parquet, a BytesList like a string in a record.
+    "bytes": {"arrow": "binary", "tensorflow": "string"},
 }
 
 
@@ -53,7 +55,7 @@ def arrow_type(dtype: str):
 
 @dataclass(frozen=True)
 class Column:
-    """One value per record: ``float32`` (NaN allowed), ``int64`` or ``string``."""
+    """One value per record: ``float32`` (NaN allowed), ``int64``, ``string`` or ``bytes``."""
 
     name: str
     dtype: str
@@ -244,7 +246,10 @@ def _encode_int64(key: bytes, values: np.ndarray) -> list[RecordPiece]:
 
 
 def _encode_string(key: bytes, values) -> list[RecordPiece]:
-    """Each distinct value is encoded once; rows pick theirs by index (a ``pd.Categorical``'s codes if given)."""
+    """Each distinct value is encoded once; rows pick theirs by index (a ``pd.Categorical``'s codes if given).
+
+    Values are ``str`` (written as UTF-8) or ``bytes`` (written as they are: an encoded image).
+    """
     import pandas as pd
 
     if isinstance(values, pd.Categorical):
@@ -253,7 +258,7 @@ def _encode_string(key: bytes, values) -> list[RecordPiece]:
             raise ValueError(f"Column {key.decode()!r} has missing values: a string feature needs a value in every row")
     else:
         inverse, uniques = pd.factorize(np.asarray(values).astype(object), use_na_sentinel=False)
-    segments = [_entry_prefix(key, 0x0A, len(e)) + e for e in (str(u).encode() for u in uniques)]
+    segments = [_entry_prefix(key, 0x0A, len(e)) + e for e in (_as_bytes(u) for u in uniques)]
     lengths = np.array([len(s) for s in segments], np.int64)
     table = np.zeros((len(segments), int(lengths.max(initial=0))), np.uint8)
     for i, segment in enumerate(segments):
@@ -263,4 +268,8 @@ def _encode_string(key: bytes, values) -> list[RecordPiece]:
                         codes=inverse, table=table, table_lengths=lengths)]
 
 
-_ENCODERS = {"float32": _encode_float32, "int64": _encode_int64, "string": _encode_string}
+def _as_bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+_ENCODERS = {"float32": _encode_float32, "int64": _encode_int64, "string": _encode_string, "bytes": _encode_string}
