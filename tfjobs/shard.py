@@ -12,6 +12,8 @@ groups each) and writes::
 The split is decided by a hash of each row's key columns (the whole row by
 default), so it does not depend on row order or chunking, duplicate rows never
 straddle train and test, and a re-run with the same input writes the same bytes.
+When the source assigns the splits (``split.column``: TFDS's ``train[:90%]``), that
+column decides, and the hash only picks a row's shard within its split.
 The manifest holds per-split record counts, the feature schema and a SHA-256 per
 shard; readers take a shard set as finished only when its manifest is there.
 
@@ -65,6 +67,9 @@ def split_assignment(spec: PipelineSpec, frame) -> tuple[np.ndarray, np.ndarray]
     """Each row's split index (into ``SPLITS``) and a hash for picking its shard."""
     key = list(spec.split.key) or list(spec.columns)
     hashes = pd.util.hash_pandas_object(frame[key], index=False).to_numpy()
+    if spec.split.column:  # validated: every value is one of SPLITS
+        split = pd.Categorical(frame[spec.split.column], categories=SPLITS).codes.astype(np.int64)
+        return split, hashes // np.uint64(_BUCKETS)
     bucket = hashes % np.uint64(_BUCKETS)
     bounds = np.cumsum([spec.split.fractions()[s] for s in SPLITS]) * _BUCKETS
     split = np.searchsorted(bounds[:-1], bucket, side="right")
@@ -231,7 +236,7 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
         group_ends = np.cumsum([parquet.metadata.row_group(g).num_rows for g in row_groups])
         read = 0
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=list(row_groups),
-                                          columns=list(spec.columns), use_threads=threads):
+                                          columns=[*spec.columns, *spec.split_columns], use_threads=threads):
             # Strings as categoricals: each distinct value is hashed and encoded once.
             frame = batch.to_pandas(strings_to_categorical=True, use_threads=threads)
             split_index, shard_hash = split_assignment(spec, frame)
