@@ -41,7 +41,7 @@ from tfjobs.storage.examples import encode_padded
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
 from tfjobs.storage.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
 from tfjobs.storage.store import write_json
-from tfjobs.storage.tfrecord import COMPRESSION, FRAMING, TFRecordFileWriter, frame_in_place
+from tfjobs.storage.tfrecord import COMPRESSION, FRAMING, TFRecordFileWriter, frame_in_place, gzip_level
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
     names = _shard_names(spec)
     first_shard = np.cumsum([0] + [spec.shards[split] for split in SPLITS])[:-1]
     shards_per_split = np.array([spec.shards[split] for split in SPLITS], np.uint64)
-    writers = [TFRecordFileWriter(Path(out_dir) / (name + suffix), COMPRESSION) for name in names]
+    writers = [TFRecordFileWriter(Path(out_dir) / (name + suffix), COMPRESSION, gzip_level(columns)) for name in names]
     member_of = [-1] * len(names)  # the row group whose records each writer's open gzip member holds
     pending: list[list] = [[] for _ in names]  # and those records, framed, not yet compressed
 

@@ -23,6 +23,7 @@ The output parses with ``tf.io.parse_example`` exactly like a message built with
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -204,6 +205,7 @@ def _varint_piece(values: np.ndarray) -> RecordPiece:
     return RecordPiece(width, data=groups, lengths=None if (lengths == width).all() else lengths)
 
 
+@functools.lru_cache(maxsize=4096)  # a value's prefix depends on its length only: images share a few hundred
 def _entry_prefix(key: bytes, feature_tag: int, payload_length: int) -> bytes:
     """A map entry's bytes up to its one value, for a value of ``payload_length`` bytes."""
     list_length = 1 + len(_varint_bytes(payload_length)) + payload_length

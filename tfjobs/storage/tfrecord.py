@@ -12,7 +12,8 @@ lengths and their CRCs with NumPy (records of one length share one CRC), each
 record's CRC32C carried through the pieces the records are made of, by table
 lookups (:func:`record_crc32c`, checked against Google's ``google-crc32c``), and the
 framed bytes go through gzip, compressed by Intel's ISA-L (``isal``; the same gzip
-format that TensorFlow writes and reads, several times faster than zlib). Files read
+format that TensorFlow writes and reads, several times faster than zlib); records of
+encoded files (images) go into stored deflate blocks (:func:`gzip_level`). Files read
 back with ``tf.data.TFRecordDataset`` (the tests check it, record for record).
 """
 
@@ -20,13 +21,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
 from isal import isal_zlib
 
-from tfjobs.storage.examples import PaddedRows
+from tfjobs.storage.examples import Column, PaddedRows
 
 _MASK_DELTA = 0xA282EAD8
 COMPRESSIONS = ("GZIP", "")
@@ -35,6 +38,18 @@ COMPRESSION = "GZIP"
 # ISA-L's level 2 compresses these records about as well as zlib's default level 6 (which
 # TensorFlow's GZIP writer uses) at 10x the speed (benchmarks/bench_shard.py).
 DEFAULT_GZIP_LEVEL = 2
+#: GZIP members whose deflate blocks are stored, not compressed (zlib's level 0).
+STORED = "stored"
+
+
+def gzip_level(columns: Sequence[Column]) -> int | str:
+    """How to GZIP records of ``columns``: stored when they hold encoded files (a ``bytes`` column).
+
+    PNG and JPEG files are compressed already: ISA-L's level 2 saves 3% of a shard of
+    images for 40% of the shard fast path's time (``benchmarks/bench_images.py``). The
+    shards stay GZIP files, which every reader of them expects.
+    """
+    return STORED if any(column.dtype == "bytes" for column in columns) else DEFAULT_GZIP_LEVEL
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -109,8 +124,7 @@ def record_crc32c(rows: PaddedRows) -> np.ndarray:
             continue
         register = np.broadcast_to(np.asarray(fold_run(register), np.uint32), piece.lengths.shape)
         if piece.codes is not None:  # each distinct value's length and CRC, then a lookup per row
-            contribution = np.array([_crc0(row[:n].tobytes()) for row, n in zip(piece.table, piece.table_lengths)],
-                                    np.uint32)
+            contribution = np.array([_crc0(row[:n]) for row, n in zip(piece.table, piece.table_lengths)], np.uint32)
             register = _shift_by_code(register, piece.codes, piece.table_lengths) ^ contribution[piece.codes]
         else:  # rows grouped by their length
             register = register.copy()
@@ -171,9 +185,14 @@ def _shift(register, count: int):
 
 
 def _shift_by_code(register: np.ndarray, codes: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Row i's register after ``counts[codes[i]]`` zero bytes."""
-    tables = np.stack([_shift_tables(int(n)) for n in counts]).reshape(-1)  # [codes, 4, 256]
-    base = codes.astype(np.intp) * 1024
+    """Row i's register after ``counts[codes[i]]`` zero bytes.
+
+    One table per distinct count, not per code: thousands of distinct values (encoded
+    images) share a few hundred lengths, and a table is 4 KiB.
+    """
+    distinct, count_of_code = np.unique(counts, return_inverse=True)
+    tables = np.stack([_shift_tables(int(n)) for n in distinct]).reshape(-1)  # [counts, 4, 256]
+    base = count_of_code.reshape(-1).astype(np.intp)[codes] * 1024
     return (tables[base + (register & 0xFF)] ^ tables[base + 256 + ((register >> 8) & 0xFF)]
             ^ tables[base + 512 + ((register >> 16) & 0xFF)] ^ tables[base + 768 + (register >> 24)])
 
@@ -183,9 +202,15 @@ def _byte_tables(distance: int) -> np.ndarray:
     return _shift_tables(distance + 1)[0]
 
 
-def _crc0(data: bytes) -> int:
-    """The CRC register's change over ``data`` from a zero register (no initial value, no final XOR)."""
-    return google_crc32c.value(data) ^ google_crc32c.value(bytes(len(data)))
+def _crc0(data) -> int:
+    """The CRC register's change over ``data`` (bytes, or a contiguous uint8 array) from a zero register
+    (no initial value, no final XOR)."""
+    return google_crc32c.value(data) ^ _zeros_crc(len(data))
+
+
+@functools.lru_cache(maxsize=4096)
+def _zeros_crc(length: int) -> int:
+    return google_crc32c.value(bytes(length))
 
 
 def _mask(crcs: np.ndarray) -> np.ndarray:
@@ -201,7 +226,7 @@ class TFRecordFileWriter:
     and concatenated are then the same bytes as one written whole.
     """
 
-    def __init__(self, path: str | Path, compression: str = "GZIP", level: int = DEFAULT_GZIP_LEVEL):
+    def __init__(self, path: str | Path, compression: str = "GZIP", level: int | str = DEFAULT_GZIP_LEVEL):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         self.path = Path(path)
@@ -236,7 +261,8 @@ class TFRecordFileWriter:
             return
         if self._level is not None and self._zlib is None:
             # wbits=31: a gzip member (header mtime 0, so the same records give the same bytes).
-            self._zlib = isal_zlib.compressobj(self._level, isal_zlib.DEFLATED, 31)
+            self._zlib = (zlib.compressobj(0, zlib.DEFLATED, 31) if self._level == STORED
+                          else isal_zlib.compressobj(self._level, isal_zlib.DEFLATED, 31))
         self._emit(self._zlib.compress(framed) if self._zlib else framed)
         self.records += records
 
