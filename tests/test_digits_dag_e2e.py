@@ -10,6 +10,7 @@ in colour, through ``serving_default`` as bytes and ``serving_raw`` as base64 te
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,6 +20,7 @@ from tfjobs.storage.image_folder import sklearn_digits_files, write_image_folder
 pytestmark = pytest.mark.slow
 DATE = "2026-11-25"
 VERSION = 1795564800  # 2026-11-25T00:00:00Z in Unix seconds
+ARTIFACTS = ROOT / "tests" / "artifacts"  # git-ignored
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,16 @@ def run(tmp_path_factory):
     files["8/scan_notes.txt"] = b"scanned on a Tuesday"  # not an image
     write_image_folder(str(tmp / "landing"), files)
     dags_test, store = airflow_dags_test(tmp / "airflow", "digits")
+    started = time.monotonic()
     completed = dags_test(DATE, conf={"source_uri": str(tmp / "landing")})
     assert completed.returncode == 0, (completed.stdout + completed.stderr)[-6000:]
+    evaluation = read(store, f"runs/digits/{DATE}T000000/evaluate/metrics.json")
+    training = read(store, f"runs/digits/{DATE}T000000/train/training.json")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "digits_dag_run.json").write_text(json.dumps({  # for the issue notes
+        "seconds": round(time.monotonic() - started, 1),
+        "test_metrics": {k: v for k, v in evaluation["metrics"].items() if isinstance(v, float)},
+        "epochs_run": training["epochs_run"], "best_epoch": training["best_epoch"]}, indent=2) + "\n")
     return store, completed.stdout + completed.stderr, len(truncated)
 
 

@@ -174,3 +174,38 @@ def test_the_cnn_pools_small_images_less_and_reports_its_width():
     large = ConvolutionalPart((64, 48, 3), filters=(8, 16), pooling="average")
     out = large(np.zeros((2, 64, 48, 3), np.float32))
     assert out.shape == (2, 16) == large.compute_output_shape((2, 64, 48, 3))
+
+
+PART_UNDER_JAX = """
+import json
+import keras, numpy as np
+from tfjobs.modeling.image_part import ConvolutionalPart
+assert keras.backend.backend() == "jax"
+keras.utils.set_random_seed(0)
+images = np.random.default_rng(0).random((64, 8, 8, 1)).astype("float32")
+inputs = keras.Input((8, 8, 1))
+model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(
+    ConvolutionalPart((8, 8, 1), filters=(4,), flip="horizontal")(inputs)))
+model.compile("adam", "sparse_categorical_crossentropy")
+history = model.fit(images, np.arange(64) % 2, epochs=2, batch_size=32, verbose=0)
+same = np.allclose(model(images[:4], training=False), model(images[:4], training=False))
+differs = not np.allclose(model(images[:4], training=True), model(images[:4], training=True))
+print(json.dumps({"losses": history.history["loss"], "inference_repeats": bool(same), "training_draws": differs}))
+"""
+
+
+def test_the_image_part_trains_under_jax_and_augments_there_only_in_training():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    pytest.importorskip("jax")
+    completed = subprocess.run([sys.executable, "-c", PART_UNDER_JAX], capture_output=True, text=True, cwd=ROOT,
+                               env={**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["inference_repeats"] and result["training_draws"]
+    assert all(np.isfinite(result["losses"]))

@@ -58,6 +58,8 @@ from tfjobs.storage.examples import Column
 
 #: The model input form of this kind; :mod:`tfjobs.modeling.image_part` registers the part for it.
 FORM = "image"
+#: Images decoded at a time for the per-channel moments (adapt's batches are 8,192 rows; photos are big).
+PIXEL_BATCH = 256
 #: How many of the most common image sizes ``state.json`` lists (the rest are counted together).
 LISTED_SIZES = 10
 NOT_BASE64 = "is neither an image file's bytes nor its base64 text"
@@ -134,8 +136,8 @@ class ImageStatistics(Statistics):
         for height, width, channels in self.feature.decoded_shapes(present).tolist():
             self.sizes[f"{height}x{width}"] += 1
             self.channels[str(channels)] += 1
-        if self.moments:
-            pixels = np.asarray(self.feature.pixels(present, self.geometry), np.float64)
+        for start in range(0, len(present) if self.moments else 0, PIXEL_BATCH):
+            pixels = np.asarray(self.feature.pixels(present[start : start + PIXEL_BATCH], self.geometry), np.float64)
             for channel, moments in enumerate(self.moments):
                 moments.update(pixels[..., channel].ravel())
 
