@@ -51,10 +51,11 @@ def test_options_are_checked_and_in_the_json_schema():
 def test_validate_keeps_the_bytes_and_quarantines_what_the_model_could_not_decode():
     good = png(DIGIT)
     raw = pd.Series([good, good[:-12], b"<html>not found</html>", None, b"", base64.b64encode(good).decode(), " NA ",
-                     "%%% not base64"], dtype=object)
+                     "%%% not base64", base64.urlsafe_b64encode(good).decode().rstrip("=")], dtype=object)
     cleaned = image().clean(raw, NA)
     assert cleaned.values[0] == good and cleaned.values[5] == good  # base64 text (a CSV's image) is decoded
-    assert cleaned.missing.tolist() == [False, False, False, True, True, False, True, False]
+    assert cleaned.missing.tolist() == [False, False, False, True, True, False, True, False, False]
+    assert cleaned.values[8] == good  # URL-safe and unpadded, as the model's parse_text takes it too
     reasons = {reason: rows.nonzero()[0].tolist() for rows, reason in cleaned.rejected}
     assert reasons == {
         f"cannot be decoded as an image (Invalid PNG data, size {len(good) - 12})": [1],  # truncated

@@ -62,6 +62,7 @@ FORM = "image"
 PIXEL_BATCH = 256
 #: How many of the most common image sizes ``state.json`` lists (the rest are counted together).
 LISTED_SIZES = 10
+#: Why a text value was rejected: a CSV (or serving_raw) gives an image as the file's base64.
 NOT_BASE64 = "is neither an image file's bytes nor its base64 text"
 #: File formats by their first bytes, for the adapted state's counts.
 MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"RIFF": "WEBP"}
@@ -77,10 +78,6 @@ class Augmentation(pydantic.BaseModel):
     rotation: float = pydantic.Field(
         0.0, ge=0.0, le=0.5, description="rotate by up to this fraction of a full turn either way (0.05: 18 degrees)")
     zoom: float = pydantic.Field(0.0, ge=0.0, lt=1.0, description="zoom in or out by up to this fraction")
-
-    @property
-    def active(self) -> bool:
-        return self.flip != "none" or self.rotation > 0 or self.zoom > 0
 
 
 class ImageOptions(KindOptions):
@@ -352,10 +349,14 @@ def _file_bytes(value, na_values: set[str]) -> tuple[bytes, str]:
     text = value.strip(WHITESPACE)
     if text in na_values:
         return b"", ""
+    standard = text.translate(_URL_SAFE_TO_STANDARD)  # either alphabet, padded or not, as parse_text takes it
     try:
-        return base64.b64decode(text, validate=True), ""
+        return base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True), ""
     except (binascii.Error, ValueError):
         return b"", NOT_BASE64
+
+
+_URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 
 def decode_problem(data: bytes) -> str:
