@@ -210,3 +210,24 @@ def test_the_image_part_trains_under_jax_and_augments_there_only_in_training():
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result["inference_repeats"] and result["training_draws"]
     assert all(np.isfinite(result["losses"]))
+
+
+def test_an_image_and_tabular_features_share_one_feature_vector():
+    from tfjobs.features import NUMBERS
+    from tfjobs.modeling.models import build_training_model, encoded_features
+
+    image_state = preprocessor({"filters": [4]}).state["features"]["img"]
+    state = {"features": {"img": image_state,
+                          "size": {"kind": "numeric", "options": {}, "mean": 2.0, "variance": 4.0, "min": 0.0,
+                                   "max": 5.0},
+                          "colour": {"kind": "categorical", "options": {}, "vocabulary": ["red", ""]}},
+             "na_values": NA, "label": {"task": "classification", "classes": ["a", "b"]}}
+    layer = FeaturePreprocessor(state)
+    assert {name: e.form for name, e in layer.encodings.items()} == {NUMBERS: "vector", "img": "image",
+                                                                     "colour": "index"}
+    model = build_training_model(tiny_spec(model={"kind": "mlp", "hidden_units": [8]}), encoded_features(layer))
+    features = model.get_layer("features")
+    assert features.width == 1 + 3 + 4 * 4 * 4  # the number, colour one-hot (with OOV), the CNN's 4x4x4 map
+    out = model(layer({"img": tf.constant([png(DIGIT), b""]), "size": tf.constant([1.0, np.nan]),
+                       "colour": tf.constant(["red", "blue"])}), training=False)
+    assert out.shape == (2, 2) and np.isfinite(np.asarray(out)).all()
