@@ -59,14 +59,7 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
             "the epochs times this, so that a run of many epochs cannot hold the GPU queue indefinitely.",
         ),
         # "null" too: the UI form requires every field whose type cannot be null, so "" would block Trigger.
-        "source_uri": Param(
-            "", type=["null", "string"], pattern=URI_WITHOUT_CREDENTIALS, title="Source CSV",
-            description="Fetch this CSV (path, file://, http(s)://, s3://) instead of the spec's source; "
-            "empty for the spec's. {partition} in it becomes the run's date, to read one delivery per day "
-            "from a landing prefix: s3://landing/housing/{partition}.csv; the fetch waits for a late delivery "
-            "until its deadline. No user:password@ in it: name an HTTP connection in Source connection. "
-            "Only the store, the spec's own source and [shardline] allowed_source_prefixes may be fetched.",
-        ),
+        "source_uri": source_param(spec),
         "source_conn_id": Param(
             "", type=["null", "string"], title="Source connection",
             description="The id of an Airflow HTTP connection whose login and password authenticate to an "
@@ -89,3 +82,24 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
             description="Retrain even when a model of the same data and settings exists for this run.",
         ),
     }
+
+
+ALLOWED_SOURCES_NOTE = "Only the store, the spec's own source and [shardline] allowed_source_prefixes may be fetched."
+
+
+def source_param(spec: PipelineSpec) -> Param:
+    """What a run may fetch instead of the spec's source: a CSV, or another image folder."""
+    if spec.source.kind == "image_folder":
+        return Param(
+            "", type=["null", "string"], pattern=URI_WITHOUT_CREDENTIALS, title="Source folder",
+            description="Fetch this image folder (a path or an s3:// prefix, one sub-folder of images per class) "
+            "instead of the spec's; empty for the spec's. " f"{ALLOWED_SOURCES_NOTE}",
+        )
+    return Param(
+        "", type=["null", "string"], pattern=URI_WITHOUT_CREDENTIALS, title="Source CSV",
+        description="Fetch this CSV (path, file://, http(s)://, s3://) instead of the spec's source; "
+        "empty for the spec's. {partition} in it becomes the run's date, to read one delivery per day "
+        "from a landing prefix: s3://landing/housing/{partition}.csv; the fetch waits for a late delivery "
+        "until its deadline. No user:password@ in it: name an HTTP connection in Source connection. "
+        f"{ALLOWED_SOURCES_NOTE}",
+    )

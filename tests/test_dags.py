@@ -112,3 +112,15 @@ def test_penguins_form_offers_only_classification_losses():
 
     dag = DagBag(dag_folder=str(ROOT / "dags" / "penguins.py")).dags["penguins"]
     assert dag.params.get_param("loss").schema["enum"] == ["crossentropy"]
+
+
+@pytest.mark.parametrize("dag_id", ["digits", "mnist"])
+def test_the_image_dags_run_the_same_pipeline_and_the_folder_dag_asks_for_a_folder(dag_id):
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / f"{dag_id}.py")).dags[dag_id]
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "fetch", "validate", "shard", "adapt", "train", "evaluate", "export"
+    ]
+    source = dag.params.get_param("source_uri").schema
+    assert source["title"] == ("Source folder" if dag_id == "digits" else "Source CSV")

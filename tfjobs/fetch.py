@@ -1,17 +1,23 @@
-"""Fetch a dataset into ``raw/<dataset>/<partition>/`` as CSV with a manifest.
+"""Fetch a dataset into ``raw/<dataset>/<partition>/`` (CSV, or Parquet for binary columns) with a manifest.
 
 Sources (the spec's ``source.kind``):
 
 - ``palmerpenguins``: the data the PyPI package ships (no network);
 - ``sklearn``: a dataset bundled with scikit-learn (``iris``, ``wine``, ``diabetes``, ...);
-- ``tfds``: a TensorFlow Datasets dataset, prepared in its ``data_dir``;
+- ``tfds``: a TensorFlow Datasets dataset, prepared in its ``data_dir``, written to Parquet:
+  images as their encoded files (never decoded), class labels as their names; one split
+  or slice (``train[:90%]``), or one per Shardline split (``source.splits``);
 - ``csv``: a CSV at a local path, ``file://``, ``http(s)://`` or object-store URI;
 - ``landing``: one CSV per day under a prefix, as upstream systems deliver data
-  (``<prefix>/<partition>.csv`` by default).
+  (``<prefix>/<partition>.csv`` by default);
+- ``image_folder``: a local directory or ``s3://`` prefix with one sub-folder of images
+  per class (:mod:`tfjobs.storage.image_folder`), streamed to Parquet: each file's path,
+  its bytes (the spec's binary feature) and its folder's name (the label).
 
-The raw bytes are kept as delivered; the manifest records the row count, the
-SHA-256 and where they came from. A re-fetch that yields the same bytes rewrites
-nothing.
+Tabular deliveries keep their bytes as delivered (``data.csv``); sources with a binary
+column write ``data.parquet`` (:mod:`tfjobs.storage.raw_files`). The manifest records
+the format, the row count, the SHA-256 and where the data came from. A re-fetch that
+yields the same bytes rewrites nothing.
 
 A landing delivery may be late. Until its deadline (``source.deadline`` after the
 end of the partition's day, or an absolute UTC time given for the run) a missing
@@ -40,7 +46,9 @@ import base64
 import contextlib
 import contextvars
 import csv
+import dataclasses
 import datetime as dt
+import difflib
 import logging
 import os
 import shutil
@@ -56,15 +64,20 @@ from tfjobs import cli
 from tfjobs.allowed_sources import AllowedSources
 from tfjobs.deadlines import parse_duration, partition_deadline, utc_now, utc_text
 from tfjobs.spec import PipelineSpec, SourceSpec, load_spec
+from tfjobs.storage.raw_files import RAW_FILES, count_rows, raw_format, write_parquet
 from tfjobs.storage.store import join, local_copy, read_json_if_exists, redact, sha256_file, staging_dir, store_for, write_json
 
 log = logging.getLogger(__name__)
 
-DATA_FILE = "data.csv"
+DATA_FILE = RAW_FILES["csv"]
 MANIFEST = "manifest.json"
 HTTP_TIMEOUT_S = 60
 # The allow-list of the fetch in progress, which every HTTP request it makes checks (see _open_http).
 _ALLOWED: contextvars.ContextVar[AllowedSources | None] = contextvars.ContextVar("allowed_sources", default=None)
+#: Sources whose rows may hold binary values (encoded images): written to Parquet.
+PARQUET_SOURCES = ("tfds", "image_folder")
+#: TFDS batches written as one Parquet row group.
+TFDS_BATCH = 1024
 
 
 class SourceNotFoundError(FileNotFoundError):
@@ -141,13 +154,16 @@ def fetch_dataset(
     if auth is not None:
         _check_auth_origin(auth, location)
     if allowed is not None:
-        allowed = allowed.including(spec.source.uri) if spec.source.kind in ("csv", "landing") else allowed
+        allowed = allowed.including(spec.source.uri) if spec.source.kind in ("csv", "landing", "image_folder") else allowed
         if location:
             allowed.check(location.replace("{partition}", partition))
     with staging_dir() as tmp, _fetching_under(allowed):
         local = tmp / DATA_FILE
         if source.kind == "landing":
             description = _fetch_delivery(source, partition, local, deadline, poke_interval, auth)
+        elif source.kind in PARQUET_SOURCES:
+            local = tmp / RAW_FILES["parquet"]
+            description = _fetch_to_parquet(spec, source, local)
         else:
             description = _fetch_source(source, local, auth)
         digest = sha256_file(local)
@@ -156,15 +172,16 @@ def fetch_dataset(
         if previous and previous.get("sha256") == digest:
             log.info("Raw data for %s at %s is unchanged (sha256 %s); nothing rewritten", spec.name, output_uri, digest)
             return _result(output_uri, previous, rewritten=False)
-        rows, columns = _count_rows(local)
+        rows, columns = count_rows(local)
         store = store_for(output_uri)
         store.delete(manifest_uri)
-        store.upload(local, join(output_uri, DATA_FILE))
+        store.upload(local, join(output_uri, local.name))
         manifest = {
             "dataset": spec.name,
             "partition": partition,
             "source": description,
-            "file": DATA_FILE,
+            "format": raw_format(local),
+            "file": local.name,
             "rows": rows,
             "columns": columns,
             "bytes": local.stat().st_size,
@@ -204,6 +221,8 @@ def source_for(spec: PipelineSpec, source_uri: str = "") -> SourceSpec:
     """
     if not source_uri:
         return spec.source
+    if spec.source.kind == "image_folder":  # another folder laid out as the spec's
+        return dataclasses.replace(spec.source, uri=source_uri)
     if "{partition}" in source_uri:
         return SourceSpec(kind="landing", pattern=source_uri, deadline=spec.source.deadline,
                           poke_interval=spec.source.poke_interval)
@@ -211,10 +230,10 @@ def source_for(spec: PipelineSpec, source_uri: str = "") -> SourceSpec:
 
 
 def source_location(source: SourceSpec) -> str:
-    """Where a csv or landing source's files are (``{partition}`` left in); empty for the others."""
+    """Where a csv, landing or image folder source's files are (``{partition}`` left in); empty for the others."""
     if source.kind == "landing":
         return join(source.uri, source.pattern) if source.uri else source.pattern
-    return source.uri if source.kind == "csv" else ""
+    return source.uri if source.kind in ("csv", "image_folder") else ""
 
 
 def delivery_uri(source: SourceSpec, partition: str) -> str:
@@ -390,32 +409,108 @@ def _fetch_sklearn(name: str, target: Path) -> str:
     return f"scikit-learn=={_version('scikit-learn')}:{name}"
 
 
-def _fetch_tfds(source: SourceSpec, target: Path) -> str:
-    """A TFDS dataset's split as CSV; TFDS downloads it unless it is prepared in ``data_dir``.
+def _fetch_to_parquet(spec: PipelineSpec, source: SourceSpec, target: Path) -> str:
+    """Write the source's rows to a Parquet file at ``target``, batch by batch; return a description."""
+    if source.kind == "image_folder":
+        from tfjobs.storage.image_folder import ImageFolder, batch_schema
 
-    Class labels are written as their names (``Adelie``, not ``0``), as the spec's
-    categorical features and class lists name them.
+        image = _binary_feature(spec)
+        folder = ImageFolder.list(source.uri)
+        schema = batch_schema(image, spec.label.name)
+        write_parquet(folder.batches(image, spec.label.name), target, schema)
+        counts = ", ".join(f"{name} {count}" for name, count in folder.classes.items())
+        log.info("Image folder %s: %d files in %d classes (%s)", redact(source.uri), len(folder.files),
+                 len(folder.classes), counts)
+        return redact(source.uri)
+    return _fetch_tfds(spec, source, target)
+
+
+def _binary_feature(spec: PipelineSpec) -> str:
+    """The one feature of the spec stored as bytes: where an image folder's files go."""
+    names = [f.name for f in spec.features if f.column().dtype == "bytes"]
+    if len(names) != 1:
+        raise ValueError(
+            f"An image_folder source fills one binary feature (an image) with its files and the label with their "
+            f"folder names; spec {spec.name!r} has {len(names)} binary features {names}"
+        )
+    return names[0]
+
+
+def _fetch_tfds(spec: PipelineSpec, source: SourceSpec, target: Path) -> str:
+    """TFDS split(s) to Parquet, streamed in batches; TFDS downloads the dataset unless it is in ``data_dir``.
+
+    Images are written as the encoded files TFDS stores (``SkipDecoding``: never decoded
+    here), class labels as their names (``Adelie``, not ``0``), as the spec's classes
+    and categorical features name them. With ``source.splits``, each Shardline split is
+    read from its TFDS split or slice (``train[:90%]``), and every row carries its split
+    in the spec's ``split.column``.
     """
+    import pyarrow as pa
     import tensorflow_datasets as tfds
 
-    dataset, info = tfds.load(source.name, split=source.split, with_info=True, data_dir=source.uri or None)
-    frame = tfds.as_dataframe(dataset, info)
-    features = dict(info.features.items()) if isinstance(info.features, tfds.features.FeaturesDict) else {}
-    for name in frame.columns:
-        if isinstance(features.get(name), tfds.features.ClassLabel):
-            frame[name] = [features[name].int2str(int(v)) for v in frame[name]]
-    frame.to_csv(target, index=False)
-    return f"tfds:{source.name}/{source.split}"
+    try:
+        builder = tfds.builder(source.name, data_dir=source.uri or None)
+    except tfds.core.registered.DatasetNotFoundError:
+        close = difflib.get_close_matches(source.name.split("/")[0], tfds.list_builders(), n=3)
+        guess = f"; did you mean {' or '.join(map(repr, close))}?" if close else "."
+        raise ValueError(
+            f"TensorFlow Datasets {_version('tensorflow-datasets')} has no dataset {source.name!r}{guess} "
+            "The catalog: https://www.tensorflow.org/datasets/catalog/overview"
+        ) from None
+    builder.download_and_prepare()
+    columns = _tfds_columns(tfds, builder.info)
+    decoders = {name: tfds.decode.SkipDecoding() for name, feature in builder.info.features.items()
+                if isinstance(feature, tfds.features.Image)}
+    splits = dict(source.splits) or {"": source.split}
+    fields = [(name, column.type) for name, column in columns.items()]
+    schema = pa.schema(fields + ([(spec.split.column, pa.string())] if source.splits else []))
+
+    def record_batches():
+        for split, expression in splits.items():
+            try:
+                dataset = builder.as_dataset(split=expression, decoders=decoders)
+            except ValueError as err:  # an unknown split, a malformed slice
+                raise ValueError(f"tfds:{source.name}: cannot read split {expression!r}: {err}") from None
+            dataset = dataset.map(lambda example: {name: example[name] for name in columns}).batch(TFDS_BATCH)
+            for batch in tfds.as_numpy(dataset):
+                arrays = [column.convert(batch[name]) for name, column in columns.items()]
+                if split:
+                    arrays.append(pa.array([split] * len(arrays[0]), pa.string()))
+                yield pa.record_batch(arrays, schema=schema)
+
+    write_parquet(record_batches(), target, schema)
+    expressions = "+".join(f"{split}={expression}" for split, expression in splits.items()) if source.splits else ""
+    return f"tfds:{source.name}/{expressions or source.split}"
 
 
-def _count_rows(path: Path) -> tuple[int, list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"The fetched CSV is empty (no header row): {path.name}")
-        rows = sum(1 for _ in reader)
-    return rows, header
+@dataclasses.dataclass(frozen=True)
+class _TfdsColumn:
+    type: object  # a pyarrow type
+    convert: Callable  # a batch of the feature's NumPy values -> a pyarrow array
+
+
+def _tfds_columns(tfds, info) -> dict[str, _TfdsColumn]:
+    """The columns a TFDS dataset's top-level features make: images as bytes, class labels as names, scalars
+    as they are. Features of other shapes (nested, sequences, arrays) have no column and are left out."""
+    import numpy as np
+    import pyarrow as pa
+
+    columns = {}
+    for name, feature in info.features.items():
+        if isinstance(feature, tfds.features.Image):
+            columns[name] = _TfdsColumn(pa.binary(), lambda values: pa.array(values.tolist(), pa.binary()))
+        elif isinstance(feature, tfds.features.ClassLabel):
+            columns[name] = _TfdsColumn(pa.string(), lambda values, f=feature: pa.array(
+                [f.int2str(int(v)) for v in values], pa.string()))
+        elif isinstance(feature, tfds.features.Tensor) and feature.shape == () and feature.np_dtype == np.object_:
+            columns[name] = _TfdsColumn(pa.string(), lambda values: pa.array(
+                [v.decode("utf-8", "replace") for v in values.tolist()], pa.string()))
+        elif isinstance(feature, tfds.features.Tensor) and feature.shape == ():
+            columns[name] = _TfdsColumn(pa.from_numpy_dtype(feature.np_dtype), pa.array)
+        else:
+            log.info("TFDS feature %r (%s) has no column: only images, labels, text and scalars are fetched",
+                     name, type(feature).__name__)
+    return columns
 
 
 def _version(package: str) -> str:

@@ -5,6 +5,8 @@ format. Rows of typed values (numbers as JSON numbers) go to the ``serving_defau
 signature; when a row has ``null``, an absent key or text for a number (``" 3.5"``,
 ``"NA"``), every row goes to ``serving_raw`` as CSV text (``null`` and an absent key
 are an empty cell), which the model parses and cleans as the validate step does.
+Binary values (an image file) are sent as TF Serving's REST API takes them,
+``{"b64": "<base64>"}``; as CSV text they are that base64 text.
 
     python -m tfjobs.predict --serving .demo/store/serving/penguins --instances include/penguins_request.json
 """
@@ -12,6 +14,7 @@ are an empty cell), which the model parses and cleans as the validate step does.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -35,18 +38,35 @@ def instances_to_columns(instances: list[dict[str, Any]], signature) -> tuple[st
     def typed(value, spec) -> bool:
         if value is None:
             return False
-        return isinstance(value, str) == (spec.dtype == tf.string)
+        return isinstance(value, (str, dict)) == (spec.dtype == tf.string)
 
     if all(typed(row.get(name), spec) for row in instances for name, spec in inputs.items()):
         return "serving_default", {
-            name: np.array([row[name] for row in instances],
+            name: np.array([_binary(row[name]) if isinstance(row[name], dict) else row[name] for row in instances],
                            dtype=object if spec.dtype == tf.string else spec.dtype.as_numpy_dtype)
             for name, spec in inputs.items()
         }
     return RAW_SIGNATURE, {
-        name: np.array(["" if row.get(name) is None else str(row[name]) for row in instances], dtype=object)
+        name: np.array([_text(row.get(name)) for row in instances], dtype=object)
         for name in inputs
     }
+
+
+def _binary(value: dict) -> bytes:
+    """TF Serving's REST encoding of binary data, ``{"b64": "..."}``, decoded."""
+    if set(value) != {"b64"}:
+        raise ValueError(f'A JSON object value must be {{"b64": "<base64>"}} (binary data), got keys {sorted(value)}')
+    return base64.b64decode(value["b64"])
+
+
+def _text(value) -> str:
+    """A value as the text of a CSV cell: ``null`` empty; binary data its base64 text."""
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        _binary(value)  # checked
+        return value["b64"]
+    return str(value)
 
 
 def predict(serving_uri: str, instances: list[dict[str, Any]], version: int | None = None) -> dict[str, Any]:

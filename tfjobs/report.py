@@ -52,8 +52,14 @@ def summarize(spec_path: str, store_uri: str, partition: str = "", run: str = ""
         line("shards", layout.shards, f"{shards} GZIP TFRecord shards; records: {counts}")
     state = read_json_if_exists(join(layout.preprocessing, "state.json"))
     if state:
+        from tfjobs.features import feature_from_state
+
         vocab = ", ".join(f"{n} {len(f['vocabulary'])}" for n, f in state["features"].items() if "vocabulary" in f)
-        line("preprocessing", join(layout.preprocessing, "state.json"), f"vocabulary sizes: {vocab}")
+        details = [f"vocabulary sizes: {vocab}"] if vocab else []
+        details += [f"{name}: {summary}" for name, entry in state["features"].items()
+                    if (summary := feature_from_state(name, entry).state_summary(entry))]
+        line("preprocessing", join(layout.preprocessing, "state.json"),
+             "; ".join(details) or f"{len(state['features'])} features")
     training = read_json_if_exists(join(layout.run_dir, "train", "training.json"))
     if training:
         train_dir = join(layout.run_dir, "train")

@@ -17,6 +17,8 @@ Within a shard, each Parquet row group's rows are sorted by that hash mixed with
 time-sorted input included), the same way for the same input and seed, whatever
 the batches and the number of processes. Memory follows bytes, not rows: long
 values are read fewer rows at a time, and framed without widening other rows.
+When the source assigns the splits (``split.column``: TFDS's ``train[:90%]``), that
+column decides, and the hash only picks a row's shard within its split.
 The manifest holds per-split record counts, the feature schema and a SHA-256 per
 shard; readers take a shard set as finished only when its manifest is there.
 
@@ -44,7 +46,7 @@ from tfjobs.storage.examples import DISTINCT_VALUE_BYTES, encode_rows
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
 from tfjobs.storage.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
 from tfjobs.storage.store import write_json
-from tfjobs.storage.tfrecord import COMPRESSION, TFRecordFileWriter, frame_in_chunks
+from tfjobs.storage.tfrecord import COMPRESSION, TFRecordFileWriter, frame_in_chunks, gzip_level
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,9 @@ def split_assignment(spec: PipelineSpec, frame) -> tuple[np.ndarray, np.ndarray]
     key = list(spec.split.key) or list(spec.columns)
     # categorize=False: the same hashes, without factorizing long strings first (categoricals hash their categories).
     hashes = pd.util.hash_pandas_object(frame[key], index=False, categorize=False).to_numpy()
+    if spec.split.column:  # validated: every value is one of SPLITS
+        split = pd.Categorical(frame[spec.split.column], categories=SPLITS).codes.astype(np.int64)
+        return split, hashes // np.uint64(_BUCKETS)
     bucket = hashes % np.uint64(_BUCKETS)
     bounds = np.cumsum([spec.split.fractions()[s] for s in SPLITS]) * _BUCKETS
     split = np.searchsorted(bounds[:-1], bucket, side="right")
@@ -254,7 +259,7 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
     reuse_freed_memory()
     columns = spec.record_columns()
     names = _shard_names(spec)
-    writers = [TFRecordFileWriter(Path(out_dir) / (name + suffix), COMPRESSION) for name in names]
+    writers = [TFRecordFileWriter(Path(out_dir) / (name + suffix), COMPRESSION, gzip_level(columns)) for name in names]
     # Each shard's records of this row group, framed, not yet compressed: (bytes, their places, their lengths).
     pending: list[list] = [[] for _ in names]
 
@@ -273,7 +278,7 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
         for group in row_groups:
             metadata, read = parquet.metadata.row_group(group), 0
             for batch in parquet.iter_batches(batch_size=_batch_rows(metadata), row_groups=[group],
-                                              columns=list(spec.columns), use_threads=threads):
+                                              columns=[*spec.columns, *spec.split_columns], use_threads=threads):
                 frame = _frame(batch, threads)
                 del batch
                 shard, place = shard_assignment(spec, frame, read, metadata.num_rows)

@@ -41,8 +41,10 @@ from tfjobs.storage.examples import Column
 
 TASKS = ("classification", "regression")
 LABEL_SCALINGS = ("none", "standardize")
-SOURCE_KINDS = ("palmerpenguins", "sklearn", "tfds", "csv", "landing")
+SOURCE_KINDS = ("palmerpenguins", "sklearn", "tfds", "csv", "landing", "image_folder")
 SPLITS = ("train", "eval", "test")
+#: The raw column that carries each row's split when the source assigns them (``source.splits``).
+SOURCE_SPLIT_COLUMN = "_split"
 
 
 class SpecError(ValueError):
@@ -65,9 +67,12 @@ class LabelSpec:
 @dataclass(frozen=True)
 class SourceSpec:
     kind: str
-    uri: str = ""  # csv: a path, file://, http(s):// or s3:// URI; landing: a prefix
+    uri: str = ""  # csv: a path, file://, http(s):// or s3:// URI; landing, image_folder: a prefix; tfds: data_dir
     name: str = ""  # sklearn/tfds: the dataset's name
-    split: str = "train"  # tfds: which split to take
+    split: str = "train"  # tfds: which split (or slice: "train[:90%]") to take
+    # tfds: the TFDS split or slice that fills each Shardline split, instead of the hash split:
+    # {train: "train[:90%]", eval: "train[90%:]", test: test}
+    splits: dict[str, str] = field(default_factory=dict)
     pattern: str = "{partition}.csv"  # landing: the file name of one day's delivery
     # Landing (or a source_uri with {partition}): how long after the end of its day a partition's
     # delivery may come, and how often to look for it meanwhile (tfjobs.deadlines.parse_duration).
@@ -83,6 +88,9 @@ class SplitSpec:
     # Columns whose values decide a row's split; empty means the whole row, so that
     # duplicate rows always land in the same split.
     key: tuple[str, ...] = ()
+    # A raw column that names each row's split (train, eval or test) instead; the fractions
+    # then do not apply, and the key only spreads a split's rows over its shards.
+    column: str = ""
 
     def fractions(self) -> dict[str, float]:
         return {"train": self.train, "eval": self.eval, "test": self.test}
@@ -201,6 +209,11 @@ class PipelineSpec:
         """Every column the pipeline reads: the features, then the label."""
         return tuple(f.name for f in self.features) + (self.label.name,)
 
+    @property
+    def split_columns(self) -> tuple[str, ...]:
+        """The raw column that names each row's split, if the spec has one: validated with the rows, not a record's."""
+        return (self.split.column,) if self.split.column else ()
+
     def feature(self, name: str) -> Feature:
         for feature in self.features:
             if feature.name == name:
@@ -259,8 +272,13 @@ def parse_spec(raw: Any) -> PipelineSpec:
     source = _build(SourceSpec, _required(raw, "source", dict), "source")
     if source.kind not in SOURCE_KINDS:
         raise SpecError(f"source.kind {source.kind!r} is not one of {SOURCE_KINDS}")
-    if source.kind in ("csv", "landing") and not source.uri:
+    if source.kind in ("csv", "landing", "image_folder") and not source.uri:
         raise SpecError(f"source.kind {source.kind!r} needs source.uri")
+    if source.splits:
+        if source.kind != "tfds":
+            raise SpecError(f"source.splits maps TFDS splits; source.kind {source.kind!r} has none")
+        if set(source.splits) != set(SPLITS) or not all(isinstance(v, str) and v for v in source.splits.values()):
+            raise SpecError(f"source.splits must name a TFDS split or slice for each of {SPLITS}, got {source.splits}")
     for wait_field in ("deadline", "poke_interval"):
         try:
             parse_duration(getattr(source, wait_field))
@@ -269,12 +287,16 @@ def parse_spec(raw: Any) -> PipelineSpec:
     split_raw = dict(raw.get("split") or {})
     if "key" in split_raw:
         split_raw["key"] = tuple(split_raw["key"])
+    if source.splits:
+        split_raw.setdefault("column", SOURCE_SPLIT_COLUMN)
     split = _build(SplitSpec, split_raw, "split")
     if abs(sum(split.fractions().values()) - 1.0) > 1e-6 or min(split.fractions().values()) <= 0:
         raise SpecError(f"split fractions must be positive and sum to 1, got {split.fractions()}")
     unknown_keys = set(split.key) - {f.name for f in features} - {label.name}
     if unknown_keys:
         raise SpecError(f"split.key names unknown columns {sorted(unknown_keys)}")
+    if split.column in {f.name for f in features} | {label.name}:
+        raise SpecError(f"split.column {split.column!r} is a feature or the label; it must be a column of its own")
     shards = {**{s: 1 for s in SPLITS}, **(raw.get("shards") or {})}
     if set(shards) != set(SPLITS) or any(not isinstance(n, int) or n < 1 for n in shards.values()):
         raise SpecError(f"shards must give a positive integer for each of {SPLITS}, got {shards}")

@@ -1,12 +1,14 @@
 """Check raw rows against the spec; keep the good ones typed, quarantine the rest.
 
-Reads ``raw/<dataset>/<partition>/data.csv`` in chunks (memory does not grow with
-the file) and writes to ``validated/<dataset>/<partition>/``:
+Reads ``raw/<dataset>/<partition>/data.csv`` (or ``data.parquet``, as the raw manifest's
+``format`` says: sources with binary columns, such as images) in chunks (memory does
+not grow with the file) and writes to ``validated/<dataset>/<partition>/``:
 
 - ``data.parquet``: the valid rows, each feature cleaned and typed by its kind
   (:mod:`tfjobs.features`: stripped of surrounding whitespace, NA tokens made the
   kind's missing value, numbers parsed);
-- ``quarantine.csv``: every rejected row as it was, with its CSV line and the reason;
+- ``quarantine.csv``: every rejected row as it was, with its CSV line (a Parquet file's row
+  number) and the reason; a binary value shows as its size and first bytes;
 - ``report.json`` (written last): counts, reasons, missing values per column.
 
 A missing required column fails the step with an error that names the column.
@@ -31,8 +33,9 @@ import pandas as pd
 
 from tfjobs import cli
 from tfjobs.features.base import WHITESPACE
-from tfjobs.spec import PipelineSpec, load_spec
+from tfjobs.spec import SPLITS, PipelineSpec, load_spec
 from tfjobs.storage.examples import arrow_type
+from tfjobs.storage.raw_files import parquet_chunks
 from tfjobs.storage.store import (
     join,
     local_copy,
@@ -90,7 +93,8 @@ def validate_dataset(spec: PipelineSpec, raw_uri: str, output_uri: str) -> Valid
     store = store_for(output_uri)
     store.delete(report_uri)
     with local_copy(join(raw_uri, raw_manifest["file"])) as raw_path, staging_dir() as tmp:
-        counts = _validate_csv(spec, raw_path, tmp / DATA_FILE, tmp / QUARANTINE_FILE, source=raw_uri)
+        counts = _validate_csv(spec, raw_path, tmp / DATA_FILE, tmp / QUARANTINE_FILE, source=raw_uri,
+                               raw_format=raw_manifest.get("format", "csv"))
         store.upload(tmp / DATA_FILE, join(output_uri, DATA_FILE))
         store.upload(tmp / QUARANTINE_FILE, join(output_uri, QUARANTINE_FILE))
         report = {
@@ -125,13 +129,26 @@ def _result(output_uri: str, report: dict, rewritten: bool) -> ValidateResult:
 
 
 def arrow_schema(spec: PipelineSpec):
-    """The Parquet schema of validated data: spec columns in spec order."""
+    """The Parquet schema of validated data: spec columns in spec order, then the split column if any."""
     import pyarrow as pa
 
-    return pa.schema([pa.field(c.name, arrow_type(c.dtype), nullable=False) for c in spec.record_columns()])
+    return pa.schema([pa.field(c.name, arrow_type(c.dtype), nullable=False) for c in spec.record_columns()]
+                     + [pa.field(name, pa.string(), nullable=False) for name in spec.split_columns])
 
 
-def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, source: str) -> dict:
+def _raw_chunks(raw_path, raw_format: str):
+    """The raw file in chunks of text columns (binary ones as bytes), and the line or row number of its first row."""
+    if raw_format == "parquet":
+        return parquet_chunks(raw_path), 1
+    return _csv_chunks(raw_path), 2  # the header is line 1
+
+
+def _csv_chunks(raw_path):
+    return pd.read_csv(raw_path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS)
+
+
+def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, source: str,
+                  raw_format: str = "csv") -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -140,22 +157,23 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
     missing: collections.Counter[str] = collections.Counter()
     rows_in = rows_valid = rows_quarantined = 0
     na_values = set(spec.na_values)
-    reader = pd.read_csv(raw_path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS)
+    reader, first_line = _raw_chunks(raw_path, raw_format)
     with pq.ParquetWriter(data_path, schema) as writer, open(quarantine_path, "w", newline="") as quarantine:
         header_written = False
         for chunk in reader:
             if rows_in == 0:
                 columns = list(chunk.columns)
                 _check_columns(spec, columns, source)
-                extra = sorted(set(columns) - set(spec.columns))
-            chunk.index = np.arange(rows_in, rows_in + len(chunk)) + 2  # CSV line numbers (header is line 1)
+                extra = sorted(set(columns) - set(spec.columns) - set(spec.split_columns))
+                kept = [*spec.columns, *spec.split_columns, *extra]  # what the quarantine shows of a row
+            chunk.index = np.arange(rows_in, rows_in + len(chunk)) + first_line  # CSV line or Parquet row numbers
             rows_in += len(chunk)
             typed, row_reasons, chunk_reasons, chunk_missing = _check_chunk(spec, chunk, na_values)
             reasons.update(chunk_reasons)
             missing.update(chunk_missing)
             bad = row_reasons != ""
             if bad.any():
-                rejected = chunk.loc[bad, list(spec.columns)].copy()
+                rejected = chunk.loc[bad, kept].map(_quarantine_text)
                 rejected.insert(0, LINE_COLUMN, rejected.index)
                 rejected[REASON_COLUMN] = row_reasons[bad]
                 rejected.to_csv(quarantine, index=False, header=not header_written)
@@ -168,7 +186,7 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
         if rows_in == 0:
             raise ValueError(f"{source} has a header but no rows")
         if not header_written:
-            pd.DataFrame(columns=[LINE_COLUMN, *spec.columns, REASON_COLUMN]).to_csv(quarantine, index=False)
+            pd.DataFrame(columns=[LINE_COLUMN, *kept, REASON_COLUMN]).to_csv(quarantine, index=False)
     return {
         "rows_in": rows_in,
         "rows_valid": rows_valid,
@@ -179,11 +197,20 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
     }
 
 
+def _quarantine_text(value):
+    """A value as the quarantine file shows it: a binary one (an image file) as its size and first bytes."""
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes: {value[:8].hex()}{'...' if len(value) > 8 else ''}>"
+    return value
+
+
 def _check_columns(spec: PipelineSpec, columns: list[str], source: str) -> None:
-    absent = [name for name in spec.columns if name not in columns]
+    absent = [name for name in (*spec.columns, *spec.split_columns) if name not in columns]
     if absent:
         roles = ", ".join(
-            f"{name!r} (the label)" if name == spec.label.name else f"{name!r} (a {spec.feature(name).kind} feature)"
+            f"{name!r} (the label)" if name == spec.label.name
+            else f"{name!r} (the split column)" if name in spec.split_columns
+            else f"{name!r} (a {spec.feature(name).kind} feature)"
             for name in absent
         )
         raise MissingColumnError(
@@ -217,7 +244,8 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str]):
         if feature.missing == "quarantine":
             reject(cleaned.missing, f"{feature.name}: missing value (policy: quarantine)")
         for rows, reason in cleaned.rejected:
-            reject(rows, f"{feature.name}: {reason}", raw.str.strip(WHITESPACE))
+            shown = raw.str.strip(WHITESPACE) if "{value}" in reason else None  # binary values have no text
+            reject(rows, f"{feature.name}: {reason}", shown)
         typed[feature.name] = cleaned.values
 
     label = spec.label
@@ -233,6 +261,10 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str]):
         parsed = pd.to_numeric(values.where(~is_na), errors="coerce").astype("float64")
         reject(~is_na & ~np.isfinite(parsed), f"{label.name}: cannot parse label {{value}} as a number", values)
         typed[label.name] = parsed.fillna(0).astype(np.float32).to_numpy()
+    for name in spec.split_columns:
+        splits = chunk[name].str.strip(WHITESPACE)
+        reject(~splits.isin(SPLITS), f"{name}: split {{value}} is not one of {', '.join(SPLITS)}", splits)
+        typed[name] = splits.to_numpy(dtype=object)
     return typed, row_reasons, reason_counts, missing
 
 

@@ -23,6 +23,7 @@ to edit. Each kind answers, in its own module, the questions only it can answer:
 ``encoded``                  what the model builders receive from it (:class:`Encoded`)
 ``serving``                  its serving signature: dtype, and how a REST client sends it
 ``edge_values``              raw values the export's skew check must also try (unseen, missing)
+``text_variants``            the same values as CSV text (``serving_raw``; an encoded file as base64)
 ===========================  ==============================================================
 
 Nothing here imports TensorFlow at module level: specs are parsed by the Airflow DAG
@@ -71,7 +72,8 @@ class Encoded:
     ``vector``: ``size`` floats (a multi-hot or count vector).
     Any other form (a token sequence, an image: ``shape`` and ``dtype`` say what the
     tensor is) reaches the model through the part registered for that form in
-    :mod:`tfjobs.modeling.parts`, which makes it a vector.
+    :mod:`tfjobs.modeling.parts`, which makes it a vector; ``part`` holds the feature's
+    settings that part reads (a CNN's filters, its training-time augmentation).
     """
 
     form: str  # number | index | vector | a form with a model part
@@ -80,6 +82,7 @@ class Encoded:
     embedding_dim: int = 8
     shape: tuple[int, ...] = ()  # other forms: the tensor's shape after the batch axis
     dtype: str = "float32"  # other forms: the tensor's dtype
+    part: dict[str, Any] = dataclasses.field(default_factory=dict)  # other forms: what their model part reads
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,10 @@ class Feature:
         The export's skew check sends them through ``serving_raw`` and expects the predictions of ``values``.
         """
         raise NotImplementedError
+
+    def state_summary(self, state: dict) -> str:
+        """One line about the adapted state for people (``tfjobs.report``); empty when a kind has nothing to add."""
+        return ""
 
     @property
     def gives_index(self) -> bool:

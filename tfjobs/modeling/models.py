@@ -28,7 +28,7 @@ import keras
 from keras import layers
 
 from tfjobs import choices
-from tfjobs.modeling import losses, metrics  # noqa: F401  (registered for compile configs)
+from tfjobs.modeling import image_part, losses, metrics  # noqa: F401  (compile configs; the image model part)
 from tfjobs.features import NUMBERS
 from tfjobs.modeling.layers import FeatureVector
 from tfjobs.spec import ModelSpec, PipelineSpec

@@ -1,4 +1,4 @@
-"""``tf.train.Example`` records for flat tabular rows, serialized in bulk with NumPy.
+"""``tf.train.Example`` records for flat rows, serialized in bulk with NumPy.
 
 Building one ``tf.train.Example`` message per row, as tutorials do, costs a few
 microseconds of Python per value. A tabular shard has one value per feature, so
@@ -41,6 +41,8 @@ DTYPES = {
     "float32": {"arrow": "float32", "tensorflow": "float32"},
     "int64": {"arrow": "int64", "tensorflow": "int64"},
     "string": {"arrow": "string", "tensorflow": "string"},
+    # Encoded files (an image's PNG or JPEG bytes): binary in Parquet, a BytesList like a string in a record.
+    "bytes": {"arrow": "binary", "tensorflow": "string"},
 }
 
 
@@ -60,7 +62,7 @@ def arrow_type(dtype: str):
 
 @dataclass(frozen=True)
 class Column:
-    """One value per record: ``float32`` (NaN allowed), ``int64`` or ``string``."""
+    """One value per record: ``float32`` (NaN allowed), ``int64``, ``string`` or ``bytes``."""
 
     name: str
     dtype: str
@@ -373,7 +375,8 @@ def _encode_string(key: bytes, values) -> list[ValuePiece]:
 
 
 def _utf8(value) -> bytes:
-    """A string value's bytes (bytes as they are: a string column read from Arrow as binary)."""
+    """A value's bytes: a ``str`` as UTF-8, ``bytes`` as they are (an encoded image; a string column read from
+    Arrow as binary)."""
     return value if type(value) is bytes else str(value).encode()
 
 
@@ -382,4 +385,4 @@ def _value_piece(key: bytes, codes: np.ndarray, encoded: list[bytes]) -> ValuePi
     return ValuePiece(codes, segments, np.array([len(s) for s in segments], np.int64))
 
 
-_ENCODERS = {"float32": _encode_float32, "int64": _encode_int64, "string": _encode_string}
+_ENCODERS = {"float32": _encode_float32, "int64": _encode_int64, "string": _encode_string, "bytes": _encode_string}

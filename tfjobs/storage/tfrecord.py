@@ -12,7 +12,8 @@ lengths and their CRCs with NumPy (records of one length share one CRC), each
 record's CRC32C carried through the pieces the records are made of, by table
 lookups (:func:`record_crc32c`, checked against Google's ``google-crc32c``), and the
 framed bytes go through gzip, compressed by Intel's ISA-L (``isal``; the same gzip
-format that TensorFlow writes and reads, several times faster than zlib). Files read
+format that TensorFlow writes and reads, several times faster than zlib); records of
+encoded files (images) go into stored deflate blocks (:func:`gzip_level`). Files read
 back with ``tf.data.TFRecordDataset`` (the tests check it, record for record).
 """
 
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import google_crc32c
 import numpy as np
 from isal import isal_zlib
 
-from tfjobs.storage.examples import EncodedRows, PaddedRows
+from tfjobs.storage.examples import Column, EncodedRows, PaddedRows
 
 _MASK_DELTA = 0xA282EAD8
 COMPRESSIONS = ("GZIP", "")
@@ -37,6 +39,18 @@ COMPRESSION = "GZIP"
 # ISA-L's level 2 compresses these records about as well as zlib's default level 6 (which
 # TensorFlow's GZIP writer uses) at 10x the speed (benchmarks/bench_shard.py).
 DEFAULT_GZIP_LEVEL = 2
+#: GZIP members whose deflate blocks are stored, not compressed (zlib's level 0).
+STORED = "stored"
+
+
+def gzip_level(columns: Sequence[Column]) -> int | str:
+    """How to GZIP records of ``columns``: stored when they hold encoded files (a ``bytes`` column).
+
+    PNG and JPEG files are compressed already: ISA-L's level 2 saves 3% of a shard of
+    images for 40% of the shard fast path's time (``benchmarks/bench_images.py``). The
+    shards stay GZIP files, which every reader of them expects.
+    """
+    return STORED if any(column.dtype == "bytes" for column in columns) else DEFAULT_GZIP_LEVEL
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -298,7 +312,7 @@ class TFRecordFileWriter:
     and concatenated are then the same bytes as one written whole.
     """
 
-    def __init__(self, path: str | Path, compression: str = "GZIP", level: int = DEFAULT_GZIP_LEVEL):
+    def __init__(self, path: str | Path, compression: str = "GZIP", level: int | str = DEFAULT_GZIP_LEVEL):
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         self.path = Path(path)
@@ -333,7 +347,8 @@ class TFRecordFileWriter:
             return
         if self._level is not None and self._zlib is None:
             # wbits=31: a gzip member (header mtime 0, so the same records give the same bytes).
-            self._zlib = isal_zlib.compressobj(self._level, isal_zlib.DEFLATED, 31)
+            self._zlib = (zlib.compressobj(0, zlib.DEFLATED, 31) if self._level == STORED
+                          else isal_zlib.compressobj(self._level, isal_zlib.DEFLATED, 31))
         self._emit(self._zlib.compress(framed) if self._zlib else framed)
         self.records += records
 
