@@ -6,6 +6,7 @@
 :mod:`.categorical`       ``categorical``: a string (or a list of them), looked up or hashed
 :mod:`.integer_categorical`  ``integer_categorical``: an integer id, looked up or hashed
 :mod:`.crosses`           the spec's ``crosses:``, hashed crossings of indices
+:mod:`.profiles`          profiles of delivered values and their distances (drift), for the kinds to reuse
 :mod:`.preprocessing`     the Keras layer that runs every kind, in training and serving
 ========================  ===================================================================
 
@@ -19,6 +20,7 @@ from tfjobs.features.base import (
     MISSING_POLICIES,
     NUMBERS,
     Cleaned,
+    Drift,
     Encoded,
     Feature,
     KindOptions,
@@ -38,6 +40,7 @@ __all__ = [
     "NUMBERS",
     "Cleaned",
     "Cross",
+    "Drift",
     "Encoded",
     "Feature",
     "KindOptions",
