@@ -15,6 +15,11 @@ feature's kind rejects a value (a number that does not parse, ...), or when a va
 is missing and the feature's policy is ``quarantine``. The served model cleans raw
 values with the same rules (the kinds' ``parse_text``/``clean_tensor``). No row is dropped silently: rows in = valid + quarantined.
 
+A delivery to score has no label (``label_required=False``, ``--no-label``): the label
+is neither required nor checked, and ``data.parquet`` holds each valid row's CSV line
+number (``_line``, as in ``quarantine.csv``), the spec's ``scoring.key`` columns as
+delivered, and the features.
+
     python -m tfjobs.validate --spec include/penguins.yaml --raw <store>/raw/penguins/2026-11-25 \\
         --output <store>/validated/penguins/2026-11-25
 """
@@ -76,21 +81,24 @@ class ValidateResult:
     rewritten: bool
 
 
-def validate_dataset(spec: PipelineSpec, raw_uri: str, output_uri: str) -> ValidateResult:
+def validate_dataset(spec: PipelineSpec, raw_uri: str, output_uri: str, *, label_required: bool = True
+                     ) -> ValidateResult:
     raw_manifest_uri = join(raw_uri, "manifest.json")
     if not store_for(raw_manifest_uri).exists(raw_manifest_uri):
         raise FileNotFoundError(f"No raw data at {raw_uri} (no manifest.json): run the fetch step first")
     raw_manifest = read_json(raw_manifest_uri)
     report_uri = join(output_uri, REPORT)
     previous = read_json_if_exists(report_uri)
-    if previous and previous["raw_sha256"] == raw_manifest["sha256"] and previous["spec"] == spec.fingerprint():
+    if (previous and previous["raw_sha256"] == raw_manifest["sha256"] and previous["spec"] == spec.fingerprint()
+            and previous.get("label_required", True) == label_required):
         log.info("Validated data at %s is up to date; nothing rewritten", output_uri)
         return _result(output_uri, previous, rewritten=False)
 
     store = store_for(output_uri)
     store.delete(report_uri)
     with local_copy(join(raw_uri, raw_manifest["file"])) as raw_path, staging_dir() as tmp:
-        counts = _validate_csv(spec, raw_path, tmp / DATA_FILE, tmp / QUARANTINE_FILE, source=raw_uri)
+        counts = _validate_csv(spec, raw_path, tmp / DATA_FILE, tmp / QUARANTINE_FILE, source=raw_uri,
+                               label_required=label_required)
         store.upload(tmp / DATA_FILE, join(output_uri, DATA_FILE))
         store.upload(tmp / QUARANTINE_FILE, join(output_uri, QUARANTINE_FILE))
         report = {
@@ -102,6 +110,8 @@ def validate_dataset(spec: PipelineSpec, raw_uri: str, output_uri: str) -> Valid
             "quarantine_file": QUARANTINE_FILE,
             **counts,
         }
+        if not label_required:
+            report.update(label_required=False, key=list(spec.scoring.key))
     _check_quarantine_share(spec, report, join(output_uri, QUARANTINE_FILE))
     write_json(report_uri, report)
     log.info(
@@ -124,18 +134,30 @@ def _result(output_uri: str, report: dict, rewritten: bool) -> ValidateResult:
     )
 
 
-def arrow_schema(spec: PipelineSpec):
-    """The Parquet schema of validated data: spec columns in spec order."""
+def arrow_schema(spec: PipelineSpec, label_required: bool = True):
+    """The Parquet schema of validated data: spec columns in spec order; for scoring, line and key first."""
     import pyarrow as pa
 
-    return pa.schema([pa.field(c.name, arrow_type(c.dtype), nullable=False) for c in spec.record_columns()])
+    if label_required:
+        return pa.schema([pa.field(c.name, arrow_type(c.dtype), nullable=False) for c in spec.record_columns()])
+    return pa.schema([pa.field(LINE_COLUMN, pa.int64(), nullable=False)]
+                     + [pa.field(name, pa.string(), nullable=False) for name in key_columns(spec)]
+                     + [pa.field(f.column().name, arrow_type(f.column().dtype), nullable=False) for f in spec.features])
 
 
-def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, source: str) -> dict:
+def key_columns(spec: PipelineSpec) -> list[str]:
+    """The ``scoring.key`` columns that are not features: kept as delivered (a feature is kept as it is typed)."""
+    features = {f.name for f in spec.features}
+    return [name for name in spec.scoring.key if name not in features]
+
+
+def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, source: str,
+                  label_required: bool = True) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = arrow_schema(spec)
+    schema = arrow_schema(spec, label_required)
+    kept = list(spec.columns) if label_required else list(dict.fromkeys([*spec.scoring.key, *spec.columns[:-1]]))
     reasons: collections.Counter[str] = collections.Counter()
     missing: collections.Counter[str] = collections.Counter()
     rows_in = rows_valid = rows_quarantined = 0
@@ -146,16 +168,19 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
         for chunk in reader:
             if rows_in == 0:
                 columns = list(chunk.columns)
-                _check_columns(spec, columns, source)
-                extra = sorted(set(columns) - set(spec.columns))
+                _check_columns(spec, columns, source, label_required)
+                extra = sorted(set(columns) - set(kept))
             chunk.index = np.arange(rows_in, rows_in + len(chunk)) + 2  # CSV line numbers (header is line 1)
             rows_in += len(chunk)
-            typed, row_reasons, chunk_reasons, chunk_missing = _check_chunk(spec, chunk, na_values)
+            typed, row_reasons, chunk_reasons, chunk_missing = _check_chunk(spec, chunk, na_values, label_required)
+            if not label_required:
+                typed = {LINE_COLUMN: chunk.index.to_numpy(np.int64),
+                         **{name: chunk[name].to_numpy(dtype=object) for name in key_columns(spec)}, **typed}
             reasons.update(chunk_reasons)
             missing.update(chunk_missing)
             bad = row_reasons != ""
             if bad.any():
-                rejected = chunk.loc[bad, list(spec.columns)].copy()
+                rejected = chunk.loc[bad, kept].copy()
                 rejected.insert(0, LINE_COLUMN, rejected.index)
                 rejected[REASON_COLUMN] = row_reasons[bad]
                 rejected.to_csv(quarantine, index=False, header=not header_written)
@@ -163,12 +188,12 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
                 rows_quarantined += int(bad.sum())
             good = {name: values[~bad] for name, values in typed.items()}
             rows_valid += int((~bad).sum())
-            if len(good[spec.label.name]):
+            if (~bad).any():
                 writer.write_table(pa.table(good, schema=schema), row_group_size=ROW_GROUP_ROWS)
         if rows_in == 0:
             raise ValueError(f"{source} has a header but no rows")
         if not header_written:
-            pd.DataFrame(columns=[LINE_COLUMN, *spec.columns, REASON_COLUMN]).to_csv(quarantine, index=False)
+            pd.DataFrame(columns=[LINE_COLUMN, *kept, REASON_COLUMN]).to_csv(quarantine, index=False)
     return {
         "rows_in": rows_in,
         "rows_valid": rows_valid,
@@ -179,11 +204,14 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
     }
 
 
-def _check_columns(spec: PipelineSpec, columns: list[str], source: str) -> None:
-    absent = [name for name in spec.columns if name not in columns]
+def _check_columns(spec: PipelineSpec, columns: list[str], source: str, label_required: bool = True) -> None:
+    required = spec.columns if label_required else [*spec.scoring.key, *spec.columns[:-1]]
+    absent = [name for name in dict.fromkeys(required) if name not in columns]
     if absent:
+        features = {f.name for f in spec.features}
         roles = ", ".join(
             f"{name!r} (the label)" if name == spec.label.name else f"{name!r} (a {spec.feature(name).kind} feature)"
+            if name in features else f"{name!r} (a scoring.key column)"
             for name in absent
         )
         raise MissingColumnError(
@@ -192,7 +220,7 @@ def _check_columns(spec: PipelineSpec, columns: list[str], source: str) -> None:
         )
 
 
-def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str]):
+def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str], label_required: bool = True):
     """Typed columns, one reason string per row ('' when valid), counts by reason, missing counts."""
     row_reasons = pd.Series("", index=chunk.index, dtype=object)
     reason_counts: collections.Counter[str] = collections.Counter()
@@ -220,6 +248,8 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str]):
             reject(rows, f"{feature.name}: {reason}", raw.str.strip(WHITESPACE))
         typed[feature.name] = cleaned.values
 
+    if not label_required:
+        return typed, row_reasons, reason_counts, missing
     label = spec.label
     values = chunk[label.name].str.strip(WHITESPACE)
     is_na = values.isin(na_values)
@@ -252,8 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", required=True, help="pipeline spec YAML")
     parser.add_argument("--raw", required=True, help="raw data prefix URI (the fetch step's output)")
     parser.add_argument("--output", required=True, help="output prefix URI")
+    parser.add_argument("--no-label", action="store_true", help="a delivery to score: the label is not required")
     args = cli.parse(parser, argv)
-    cli.print_result(validate_dataset(load_spec(args.spec), args.raw, args.output))
+    cli.print_result(validate_dataset(load_spec(args.spec), args.raw, args.output, label_required=not args.no_label))
 
 
 if __name__ == "__main__":
