@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from tfjobs.features.base import Drift, RunningMoments, Statistics
+from tfjobs.features.base import RunningMoments, Statistics
 
 #: Quantiles kept in a numeric result: 0%, 1%, ..., 100%.
 QUANTILES = np.linspace(0.0, 1.0, 101)
