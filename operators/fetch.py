@@ -20,7 +20,8 @@ class FetchDatasetOperator(ShardlineOperator):
 
     :param source_uri: fetch this CSV (path, ``file://``, ``http(s)://``, ``s3://``) instead of
         the spec's source (templated). ``{partition}`` in it becomes the partition, so that each
-        run fetches its day's delivery from a landing prefix: ``s3://landing/penguins-{partition}.csv``.
+        run fetches its day's delivery from a landing prefix: ``s3://landing/penguins-{partition}.csv``;
+        ``{store}`` becomes the store's root (``{store}/landing/penguins/{partition}.csv``).
         A URI with credentials (``user:password@``) is refused: use ``source_conn_id``.
     :param source_conn_id: an Airflow HTTP connection whose login and password authenticate to
         an http(s) source (Basic auth); they are sent to the connection's host only (templated).
@@ -60,7 +61,8 @@ class FetchDatasetOperator(ShardlineOperator):
         with self.failing_fast():
             try:
                 result = fetch_dataset(
-                    spec, layout.raw, partition=self.partition, source_uri=self.source_uri,
+                    spec, layout.raw, partition=self.partition,
+                    source_uri=self.source_uri.replace("{store}", layout.root.rstrip("/")),
                     deadline=self.deadline, poke_interval=self.poke_interval, auth=self.source_auth(),
                 )
             except DeliveryPending as pending:
