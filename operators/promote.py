@@ -34,8 +34,10 @@ class PromoteModelOperator(_ProductionOperator):
 
     The verdict and reason come from the run's ``metrics.json`` (challenger against champion,
     forced or not); ``production.json`` records them with the run's metrics, who triggered the
-    run and when; TF Serving's ``models.config`` follows. Versions beyond the spec's
-    ``serving.keep_versions`` are pruned, oldest first, never production's.
+    run and when; TF Serving's ``models.config`` follows. A backfilled older day does not
+    displace a newer day's production version (the task is skipped, saying so) unless forced.
+    Versions beyond the spec's ``serving.keep_versions`` are pruned, oldest first, never
+    production's.
 
     :param version: the version the export step published (templated; the training pipeline
         pulls it from the export task's result).
@@ -48,21 +50,19 @@ class PromoteModelOperator(_ProductionOperator):
         self.version = version
 
     def execute(self, context):
-        from tfjobs.promote import set_production
+        from tfjobs.promote import NotPromoted, promote_evaluated
         from tfjobs.storage.store import read_json
 
         spec = self.load_spec()
         layout = self.layout(context, spec)
         with self.failing_fast():
             evaluation = read_json(join(layout.run_dir, "evaluate", "metrics.json"))
-            if not evaluation["blessed"]:
-                raise AirflowSkipException(f"Not promoted: {evaluation.get('reason') or evaluation['failures']}")
-            result = set_production(
-                layout.serving, int(self.version), reason=evaluation.get("reason", "blessed"),
-                by=forced_by(context)["by"], run=layout.run,
-                metrics={k: v for k, v in evaluation["metrics"].items() if isinstance(v, float)},
-                forced=evaluation.get("forced"), keep_versions=spec.serving.keep_versions, model_name=spec.model_name,
-            )
+            try:
+                result = promote_evaluated(layout.serving, int(self.version), evaluation, run=layout.run,
+                                           by=forced_by(context)["by"], keep_versions=spec.serving.keep_versions,
+                                           model_name=spec.model_name)
+            except NotPromoted as skipped:
+                raise AirflowSkipException(str(skipped)) from None
         return self.finish_promotion(context, result)
 
 

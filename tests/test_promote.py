@@ -97,3 +97,15 @@ def test_a_pointer_to_a_version_that_is_gone_says_how_to_recover(serving):
     shutil.rmtree(f"{serving}/{DAY}")
     with pytest.raises(FileNotFoundError, match="roll back to one of them"):
         champion(serving)
+
+
+def test_a_backfilled_older_day_does_not_displace_a_newer_production_unless_forced(serving):
+    from tfjobs.promote import NotPromoted, promote_evaluated
+
+    set_production(serving, 3 * DAY, reason="newest day", by="ci")
+    blessed = {"blessed": True, "reason": "within the change thresholds", "metrics": {"rmse": 1.0}, "forced": None}
+    with pytest.raises(NotPromoted, match="production version 259200 is a newer day's than 86400"):
+        promote_evaluated(serving, DAY, blessed, run="r", by="ci")
+    assert promote_evaluated(serving, DAY, {**blessed, "forced": {"by": "alice"}}, run="r", by="ci").version == DAY
+    with pytest.raises(NotPromoted, match="Not promoted: worse"):
+        promote_evaluated(serving, 3 * DAY, {"blessed": False, "reason": "worse", "failures": []}, run="r", by="ci")

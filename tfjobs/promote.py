@@ -198,6 +198,33 @@ def set_production(
                          pruned, True)
 
 
+class NotPromoted(Exception):
+    """The evaluation did not bless the model, or production is a newer day's version: production stays."""
+
+
+def promote_evaluated(serving_uri: str, version: int, evaluation: dict, *, run: str, by: str,
+                      keep_versions: int | None = None, model_name: str = "") -> PromoteResult:
+    """Promote a run's published ``version`` as its evaluation (``metrics.json``) decided.
+
+    A backfilled or re-run older day never displaces a newer day's production version
+    (versions are ordered by day), unless the promotion was forced; ``python -m
+    tfjobs.promote`` moves production to any version by hand.
+    """
+    if not evaluation["blessed"]:
+        raise NotPromoted(f"Not promoted: {evaluation.get('reason') or '; '.join(evaluation['failures'])}")
+    pointer = production(serving_uri)
+    if pointer is not None and pointer["version"] > version and not evaluation.get("forced"):
+        raise NotPromoted(
+            f"Not promoted: production version {pointer['version']} is a newer day's than {version} (a backfill or "
+            f"a re-run of an older day). Promote it by hand if it should serve: python -m tfjobs.promote "
+            f"--serving {serving_uri} --version {version}")
+    return set_production(
+        serving_uri, version, reason=evaluation.get("reason", "blessed"), by=by, run=run,
+        metrics={k: v for k, v in evaluation["metrics"].items() if isinstance(v, float)},
+        forced=evaluation.get("forced"), keep_versions=keep_versions, model_name=model_name,
+    )
+
+
 def _summary(pointer: dict) -> dict:
     return {k: pointer.get(k) for k in ("version", "run", "promoted_at", "promoted_by", "reason", "forced")}
 
