@@ -188,11 +188,11 @@ def production_asset(spec_path: str | os.PathLike, store_uri: str | None = None)
 
 
 def forced_by(context) -> dict[str, str]:
-    """Who and when, from the run: its triggering user (the CLI's `dags test` has none), its start, its id."""
+    """Who and when: the run's triggering user (else its type, e.g. a scheduled run), now, and the run's id."""
     dag_run = context["dag_run"]
-    started = getattr(dag_run, "start_date", None) or datetime.datetime.now(datetime.timezone.utc)
-    return {"by": getattr(dag_run, "triggering_user_name", None) or f"{getattr(dag_run, 'run_type', 'run')} run",
-            "at": started.replace(microsecond=0).isoformat(), "run_id": getattr(dag_run, "run_id", "")}
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return {"by": getattr(dag_run, "triggering_user_name", None) or f"{getattr(dag_run, 'run_type', 'a')} run",
+            "at": now.isoformat(), "run_id": getattr(dag_run, "run_id", "")}
 
 
 def _asset_uri(root: str) -> str:

@@ -74,9 +74,13 @@ def test_the_rollback_form_takes_an_optional_version_and_a_reason(dags):
     assert dags["housing"].params.get_param("force_promotion").resolve(True) is True
 
 
-def test_force_comes_with_who_and_when_from_the_run():
+def test_force_comes_with_who_from_the_run_and_when():
     from operators.base import forced_by
 
-    started = datetime.datetime(2026, 11, 26, 8, 0, 0, 123, tzinfo=datetime.timezone.utc)
-    run = SimpleNamespace(triggering_user_name="alice", start_date=started, run_id="manual__x", run_type="manual")
-    assert forced_by({"dag_run": run}) == {"by": "alice", "at": "2026-11-26T08:00:00+00:00", "run_id": "manual__x"}
+    run = SimpleNamespace(triggering_user_name="alice", run_id="manual__x", run_type="manual")
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    forced = forced_by({"dag_run": run})
+    assert (forced["by"], forced["run_id"]) == ("alice", "manual__x")
+    assert before <= datetime.datetime.fromisoformat(forced["at"]) <= datetime.datetime.now(datetime.timezone.utc)
+    assert forced_by({"dag_run": SimpleNamespace(triggering_user_name=None, run_type="scheduled")})["by"] == \
+        "scheduled run"

@@ -272,10 +272,15 @@ def change_failures(spec: PipelineSpec, candidate: dict, champion: dict) -> tupl
                             "allowed": allowed, "direction": "higher is better" if better_higher else "lower is better",
                             "passed": passed}
         if not passed:
-            limit = f"at least {allowed:+.4g}" if better_higher else f"at most {allowed:+.4g}"
-            failures.append(f"{name} {candidate[name]:.4g} vs production's {champion[name]:.4g}: change "
-                            f"{change:+.4g}, allowed {limit} ({'higher' if better_higher else 'lower'} is better)")
+            limit = f"at least {number(allowed, '+')}" if better_higher else f"at most {number(allowed, '+')}"
+            failures.append(f"{name} {number(candidate[name])} vs production's {number(champion[name])}: change "
+                            f"{number(change, '+')}, allowed {limit} ({'higher' if better_higher else 'lower'} is better)")
     return comparison, failures
+
+
+def number(value: float, sign: str = "") -> str:
+    """57,288 (dollars), 0.9804 (accuracy): whole numbers from a thousand up, four digits below."""
+    return f"{value:{sign},.0f}" if abs(value) >= 1000 else f"{value:{sign}.4g}"
 
 
 def blessing_failures(spec: PipelineSpec, metrics: dict) -> list[str]:

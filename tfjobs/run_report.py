@@ -82,9 +82,10 @@ def esc(value: Any) -> str:
     return html.escape(str(value))
 
 
-def fmt(value: Any) -> str:
+def fmt(value: Any, sign: str = "") -> str:
+    """A number as people read it: 57,288 dollars, 0.9804 accuracy, 0.00015 log loss."""
     if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
+        return f"{value:{sign},.0f}" if abs(value) >= 1000 else f"{value:{sign}.4g}"
     return esc(value)
 
 
@@ -368,10 +369,11 @@ def evaluation_section(files: RunFiles) -> str:
         if name in bounds.get("max", {}):
             limit.append(f"<= {bounds['max'][name]:g}")
         compared = comparison.get(name)
-        change = (Markup(f"{compared['change']:+,.4g} (allowed {'>=' if compared['direction'].startswith('higher') else '<='}"
-                         f" {compared['allowed']:+g}) " + badge("ok" if compared["passed"] else "fails",
-                                                            "good" if compared["passed"] else "bad"))
-                  if compared else (f"{value - theirs[name]:+,.4g}" if name in theirs else ""))
+        at_least = compared and compared["direction"].startswith("higher")
+        change = (Markup(f"{fmt(compared['change'], '+')} (allowed {'>=' if at_least else '<='} "
+                         f"{fmt(float(compared['allowed']), '+')}) "
+                         + badge("ok" if compared["passed"] else "fails", "good" if compared["passed"] else "bad"))
+                  if compared else (fmt(value - theirs[name], "+") if name in theirs else ""))
         rows.append((name, value, theirs.get(name, ""), change, " and ".join(limit)))
     who = (f"production version {champion['version']} (run {champion.get('run') or '?'})" if champion
            else "no model in production")
