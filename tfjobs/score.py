@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tfjobs import cli
+from tfjobs.export import METADATA_FILE, published_versions
+from tfjobs.promote import champion
 from tfjobs.spec import PipelineSpec, load_spec
 from tfjobs.storage.store import (
     join,
@@ -45,6 +47,7 @@ from tfjobs.storage.store import (
     store_for,
     write_json,
 )
+from tfjobs.validate import LINE_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +68,6 @@ class ScoreResult:
 
 def score_dataset(spec: PipelineSpec, validated_uri: str, serving_uri: str, output_uri: str,
                   version: int | None = None, batch_rows: int = BATCH_ROWS) -> ScoreResult:
-    from tfjobs.export import METADATA_FILE, published_versions
-    from tfjobs.promote import champion
-    from tfjobs.validate import LINE_COLUMN
-
     report_uri = join(validated_uri, "report.json")
     if not store_for(report_uri).exists(report_uri):
         raise FileNotFoundError(f"No validated delivery at {validated_uri} (no report.json): run validate first")
