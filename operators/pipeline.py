@@ -44,7 +44,8 @@ def training_pipeline() -> list[BaseOperator]:
             force="{{ params.force_retrain }}",
             epoch_timeout="{{ params.epoch_timeout }}",
         ),
-        EvaluateModelOperator(task_id="evaluate", force="{{ params.force_promotion }}"),
+        # .get: a DAG whose form predates the Param still renders.
+        EvaluateModelOperator(task_id="evaluate", force="{{ params.get('force_promotion', False) }}"),
         ExportServingModelOperator(task_id="export"),
     ]
     tasks.append(PromoteModelOperator(task_id="promote", version="{{ ti.xcom_pull(task_ids='export')['version'] }}"))

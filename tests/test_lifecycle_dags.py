@@ -52,7 +52,7 @@ def test_a_new_production_model_triggers_a_re_score_through_an_asset(dags):
     schedule = dags["penguins_scoring"].timetable
     assert production.uri in str(schedule) and "0 0 * * *" in str(schedule)  # daily, or when production moves
     evaluate = dags["penguins"].get_task("evaluate")
-    assert evaluate.force == "{{ params.force_promotion }}" and evaluate.outlets[0].name == "penguins.evaluations"
+    assert evaluate.force == "{{ params.get('force_promotion', False) }}" and evaluate.outlets[0].name == "penguins.evaluations"
 
 
 def test_the_training_report_runs_whatever_happened_and_leaves_the_run_state_to_the_pipeline(dags):
