@@ -66,7 +66,9 @@ def summarize(spec_path: str, store_uri: str, partition: str = "", run: str = ""
     evaluation = read_json_if_exists(join(layout.run_dir, "evaluate", "metrics.json"))
     if evaluation:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in evaluation["metrics"].items() if isinstance(v, float))
-        verdict = "blessed" if evaluation["blessed"] else "NOT blessed: " + "; ".join(evaluation["failures"])
+        verdict = evaluation.get("verdict") or ("blessed" if evaluation["blessed"] else "NOT blessed")
+        if verdict != "promote":
+            verdict += ": " + (evaluation.get("reason") or "; ".join(evaluation["failures"]))
         line("test metrics", join(layout.run_dir, "evaluate", "metrics.json"),
              f"{metrics} on {evaluation['records']} test rows ({verdict})")
     versions = published_versions(layout.serving)
