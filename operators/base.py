@@ -81,6 +81,9 @@ class ShardlineOperator(BaseOperator):
     :param partition: the data partition, by default the run's logical date (templated).
     :param store_conn_id: the Airflow connection (conn_type ``aws``) for an ``s3://`` store.
         Defaults to ``[shardline] store_conn_id``, else ``shardline_store``.
+    :param dataset: the dataset's name on the store, by default the spec's name. The scoring DAG
+        keeps its deliveries apart from the training data's with ``<name>_scoring``
+        (``raw/penguins_scoring/<partition>/``, ...).
 
     Every step has an ``execution_timeout`` (Airflow stops a try that runs longer):
     ``default_execution_timeout`` unless the task or the DAG's ``default_args`` set one.
@@ -102,25 +105,27 @@ class ShardlineOperator(BaseOperator):
         partition: str = PARTITION_TEMPLATE,
         store_conn_id: str | None = None,
         execution_timeout: datetime.timedelta | None = None,
+        dataset: str | None = None,
         **kwargs: Any,
     ) -> None:
         if self.output_stage and "outlets" not in kwargs:
-            kwargs["outlets"] = self._stage_assets(spec, store_uri)
+            kwargs["outlets"] = self._stage_assets(spec, store_uri, dataset)
         # A parameter of this __init__, so that Airflow fills it from the DAG's default_args first.
         super().__init__(execution_timeout=execution_timeout or self.default_execution_timeout, **kwargs)
         self.spec = str(spec)
         self.store_uri = store_uri
         self.partition = partition
         self.store_conn_id = store_conn_id
+        self.dataset = dataset
 
-    def _stage_assets(self, spec_path, store_uri: str | None) -> list[Asset]:
+    def _stage_assets(self, spec_path, store_uri: str | None, dataset: str | None = None) -> list[Asset]:
         """The asset this step updates, e.g. ``<store>/shards/penguins`` (none if no store is set)."""
         root = store_uri or configured_store_uri()
         if not root or "{{" in root:
             return []
-        spec = read_spec(spec_path)
-        uri = "/".join([_asset_uri(root), self.output_stage, spec.name])
-        return [Asset(name=f"{spec.name}.{self.output_stage}", uri=uri, group="shardline")]
+        name = dataset or read_spec(spec_path).name
+        uri = "/".join([_asset_uri(root), self.output_stage, name])
+        return [Asset(name=f"{name}.{self.output_stage}", uri=uri, group="shardline")]
 
     def load_spec(self) -> PipelineSpec:
         try:
@@ -141,7 +146,7 @@ class ShardlineOperator(BaseOperator):
         logical = dag_run.logical_date or dag_run.run_after
         return Layout(
             root=root,
-            dataset=spec.name,
+            dataset=self.dataset or spec.name,
             partition=self.partition,
             run=run_key(logical.isoformat()),
             model_name=spec.model_name,
@@ -169,6 +174,25 @@ class ShardlineOperator(BaseOperator):
             if isinstance(asset, Asset):
                 context["outlet_events"][asset].extra = {"partition": self.partition, **asset_extra}
         return payload
+
+
+def production_asset(spec_path: str | os.PathLike, store_uri: str | None = None) -> Asset | None:
+    """The asset of a model's production pointer, ``<store>/serving/<model>/production.json``: the promote and
+    rollback steps update it, and a scoring DAG scheduled on it re-scores with the new model."""
+    root = store_uri or configured_store_uri()
+    if not root or "{{" in root:
+        return None
+    spec = read_spec(spec_path)
+    return Asset(name=f"{spec.model_name}.production", uri=f"{_asset_uri(root)}/serving/{spec.model_name}/production.json",
+                 group="shardline")
+
+
+def forced_by(context) -> dict[str, str]:
+    """Who and when: the run's triggering user (else its type, e.g. a scheduled run), now, and the run's id."""
+    dag_run = context["dag_run"]
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return {"by": getattr(dag_run, "triggering_user_name", None) or f"{getattr(dag_run, 'run_type', 'a')} run",
+            "at": now.isoformat(), "run_id": getattr(dag_run, "run_id", "")}
 
 
 def _asset_uri(root: str) -> str:

@@ -4,6 +4,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 
 from operators.base import ShardlineOperator
 from operators.links import StoreLink
+from operators.report import RUN_REPORT_LINK, run_report_uri
 from tfjobs.storage.store import join
 
 
@@ -16,7 +17,7 @@ class ExportServingModelOperator(ShardlineOperator):
 
     output_stage = "serving"
     ui_color = "#b5e48c"
-    operator_extra_links = (StoreLink("Exported model", "version_uri"),)
+    operator_extra_links = (StoreLink("Exported model", "version_uri"), RUN_REPORT_LINK)
 
     def execute(self, context):
         from tfjobs.export import ExportArgs, NotBlessedError, export_model
@@ -31,6 +32,7 @@ class ExportServingModelOperator(ShardlineOperator):
             metrics_uri=join(layout.run_dir, "evaluate", "metrics.json"),
             serving_uri=layout.serving,
             version=self.version(context),
+            statistics_uri=join(layout.statistics, "statistics.json"),  # kept with the version: the drift baseline
         )
         try:
             with self.failing_fast():
@@ -38,4 +40,5 @@ class ExportServingModelOperator(ShardlineOperator):
         except NotBlessedError as err:
             raise AirflowSkipException(str(err)) from err
         self.log.info("Serving version %d at %s", result.version, result.version_uri)
-        return self.finish(context, result, version=result.version, model=result.version_uri)
+        payload = self.finish(context, result, version=result.version, model=result.version_uri)
+        return {**payload, "run_report_uri": run_report_uri(layout)}

@@ -22,7 +22,8 @@ class FetchDatasetOperator(ShardlineOperator):
 
     :param source_uri: fetch this CSV (path, ``file://``, ``http(s)://``, ``s3://``) instead of
         the spec's source (templated). ``{partition}`` in it becomes the partition, so that each
-        run fetches its day's delivery from a landing prefix: ``s3://landing/penguins-{partition}.csv``.
+        run fetches its day's delivery from a landing prefix: ``s3://landing/penguins-{partition}.csv``;
+        ``{store}`` becomes the store's root (``{store}/landing/penguins/{partition}.csv``).
         A URI with credentials (``user:password@``) is refused: use ``source_conn_id``. Only the
         store, the spec's own source and the prefixes in ``[shardline] allowed_source_prefixes``
         may be read (see :mod:`tfjobs.allowed_sources`); anything else fails before a byte is read.
@@ -64,7 +65,8 @@ class FetchDatasetOperator(ShardlineOperator):
         with self.failing_fast():
             try:
                 result = fetch_dataset(
-                    spec, layout.raw, partition=self.partition, source_uri=self.source_uri,
+                    spec, layout.raw, partition=self.partition,
+                    source_uri=self.source_uri.replace("{store}", layout.root.rstrip("/")),
                     deadline=self.deadline, poke_interval=self.poke_interval, auth=self.source_auth(),
                     allowed=allowed_sources(layout.root),
                 )

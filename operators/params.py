@@ -81,6 +81,19 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
             False, type="boolean", title="Retrain",
             description="Retrain even when a model of the same data and settings exists for this run.",
         ),
+        **lifecycle_params(),
+    }
+
+
+def lifecycle_params() -> dict[str, Param]:
+    """The promotion Param: force a model that is worse than production's (beyond the change thresholds) in."""
+    return {
+        "force_promotion": Param(
+            False, type="boolean", title="Force promotion",
+            description="Promote this run's model even if it is worse than the model in production beyond the "
+            "spec's evaluation.change thresholds (it must still clear the absolute bounds). Recorded as forced, "
+            "with who triggered the run and when.",
+        ),
     }
 
 

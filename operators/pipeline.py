@@ -9,13 +9,17 @@ from operators.evaluate import EvaluateModelOperator
 from operators.export import ExportServingModelOperator
 from operators.fetch import FetchDatasetOperator
 from operators.params import HYPERPARAMETERS
+from operators.promote import PromoteModelOperator
+from operators.report import RunReportOperator
 from operators.shard import ShardToTFRecordOperator
+from operators.statistics import ComputeStatisticsOperator
 from operators.train import TrainModelOperator
 from operators.validate import ValidateDatasetOperator
 
 
 def training_pipeline() -> list[BaseOperator]:
-    """fetch -> validate -> shard -> adapt -> train -> evaluate -> export, chained.
+    """fetch -> validate -> statistics -> shard -> adapt -> train -> evaluate -> export -> promote, chained,
+    and the run report as a teardown (it runs whatever happened, and does not change the run's state).
 
     Call it inside a DAG whose ``default_args`` name the spec (``{"spec": path}``)
     and whose ``params`` come from :func:`operators.params.training_params`.
@@ -30,6 +34,7 @@ def training_pipeline() -> list[BaseOperator]:
             poke_interval="{{ params.delivery_poke_interval or '' }}",
         ),
         ValidateDatasetOperator(task_id="validate"),
+        ComputeStatisticsOperator(task_id="statistics"),
         ShardToTFRecordOperator(task_id="shard"),
         AdaptPreprocessingOperator(task_id="adapt"),
         TrainModelOperator(
@@ -39,8 +44,18 @@ def training_pipeline() -> list[BaseOperator]:
             force="{{ params.force_retrain }}",
             epoch_timeout="{{ params.epoch_timeout }}",
         ),
-        EvaluateModelOperator(task_id="evaluate"),
+        # .get: a DAG whose form predates the Param still renders.
+        EvaluateModelOperator(task_id="evaluate", force="{{ params.get('force_promotion', False) }}"),
         ExportServingModelOperator(task_id="export"),
     ]
+    tasks.append(PromoteModelOperator(task_id="promote", version="{{ ti.xcom_pull(task_ids='export')['version'] }}"))
     chain(*tasks)
+    tasks.append(with_run_report(tasks))
     return tasks
+
+
+def with_run_report(tasks: list[BaseOperator], **kwargs) -> BaseOperator:
+    """The run report after ``tasks``, as a teardown: it runs whatever they did, and the run's state is theirs."""
+    report = RunReportOperator(task_id="report", **kwargs)
+    tasks >> report
+    return report.as_teardown(on_failure_fail_dagrun=False)

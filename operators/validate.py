@@ -5,7 +5,11 @@ from operators.links import StoreLink
 
 
 class ValidateDatasetOperator(ShardlineOperator):
-    """Check raw rows against the spec; write valid rows typed and quarantine the rest with reasons."""
+    """Check raw rows against the spec; write valid rows typed and quarantine the rest with reasons.
+
+    :param label_required: False for a delivery to score: the label is neither required nor
+        checked, and each valid row keeps its CSV line and the spec's ``scoring.key`` columns.
+    """
 
     output_stage = "validated"
     operator_extra_links = (
@@ -13,13 +17,17 @@ class ValidateDatasetOperator(ShardlineOperator):
         StoreLink("Quarantined rows", "quarantine_uri"),
     )
 
+    def __init__(self, *, label_required: bool = True, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.label_required = label_required
+
     def execute(self, context):
         from tfjobs.validate import validate_dataset
 
         spec = self.load_spec()
         layout = self.layout(context, spec)
         with self.failing_fast():
-            result = validate_dataset(spec, layout.raw, layout.validated)
+            result = validate_dataset(spec, layout.raw, layout.validated, label_required=self.label_required)
         if result.rows_quarantined:
             self.log.warning(
                 "Quarantined %d of %d rows (%s); see %s",

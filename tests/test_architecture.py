@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT
 
-JOBS = ["fetch", "validate", "shard", "adapt", "train", "evaluate", "export", "predict", "report"]
+JOBS = ["fetch", "validate", "statistics", "shard", "adapt", "train", "evaluate", "export", "promote", "rollback", "score",
+        "predict", "report"]
 
 
 def top_level_imports(path):

@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT
 
 DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
+TRAINING_TASKS = ["fetch", "validate", "statistics", "shard", "adapt", "train", "evaluate", "export", "promote", "report"]
 
 MEASURE_IMPORT = """
 import json, sys, time, importlib.util
@@ -45,9 +46,7 @@ def test_penguins_dag_shape_and_trigger_form():
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=str(ROOT / "dags" / "penguins.py")).dags["penguins"]
-    assert [t.task_id for t in dag.topological_sort()] == [
-        "fetch", "validate", "shard", "adapt", "train", "evaluate", "export"
-    ]
+    assert [t.task_id for t in dag.topological_sort()] == TRAINING_TASKS
     assert dag.catchup is False
     params = dag.params
     for name in ("epochs", "batch_size", "learning_rate", "early_stopping_patience", "model", "force_retrain"):
@@ -66,9 +65,7 @@ def test_housing_dag_trigger_form_picks_model_loss_loop_and_landing_prefix():
     from tfjobs import choices
 
     dag = DagBag(dag_folder=str(ROOT / "dags" / "housing.py")).dags["housing"]
-    assert [t.task_id for t in dag.topological_sort()] == [
-        "fetch", "validate", "shard", "adapt", "train", "evaluate", "export"
-    ]
+    assert [t.task_id for t in dag.topological_sort()] == TRAINING_TASKS
     params = dag.params
     model = params.get_param("model").schema
     assert model["enum"] == sorted(choices.MODEL_KINDS) and set(model["values_display"]) == set(model["enum"])
@@ -119,8 +116,6 @@ def test_the_image_dags_run_the_same_pipeline_and_the_folder_dag_asks_for_a_fold
     from airflow.dag_processing.dagbag import DagBag
 
     dag = DagBag(dag_folder=str(ROOT / "dags" / f"{dag_id}.py")).dags[dag_id]
-    assert [t.task_id for t in dag.topological_sort()] == [
-        "fetch", "validate", "shard", "adapt", "train", "evaluate", "export"
-    ]
+    assert [t.task_id for t in dag.topological_sort()] == TRAINING_TASKS
     source = dag.params.get_param("source_uri").schema
     assert source["title"] == ("Source folder" if dag_id == "digits" else "Source CSV")

@@ -46,7 +46,7 @@ def test_link_reads_the_uri_from_the_task_result(monkeypatch, result, expected):
 
     asked = []
     monkeypatch.setattr(xcom.XCom, "get_value", classmethod(lambda cls, ti_key, key: asked.append(key) or result))
-    (link,) = ExportServingModelOperator.operator_extra_links
+    link = ExportServingModelOperator.operator_extra_links[0]
     assert link.get_link(ExportServingModelOperator(task_id="export", spec=SPEC), ti_key=object()) == expected
     assert asked == ["return_value"]
 

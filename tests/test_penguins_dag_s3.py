@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,7 +25,8 @@ PREFIX = "s3://shardline/e2e"
 
 
 @pytest.fixture(scope="module")
-def s3_run(tmp_path_factory):
+def s3_airflow(tmp_path_factory):
+    """An Airflow home whose store is the S3 endpoint behind the faulty proxy; ``dags_test(dag_id, date)`` runs."""
     home = tmp_path_factory.mktemp("airflow-s3")
     with moto_s3() as endpoint, FaultyProxy(endpoint.url, share=0.1, seed=7) as proxy:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -38,13 +40,21 @@ def s3_run(tmp_path_factory):
         })
         airflow = str(Path(sys.executable).parent / "airflow")
         subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
-        completed = subprocess.run([airflow, "dags", "test", "penguins", DATE], env=env, capture_output=True,
-                                   text=True, cwd=ROOT)
-        s3.configure(lambda: endpoint.client(), source="the test endpoint")
+
+        def dags_test(dag_id, date):
+            return subprocess.run([airflow, "dags", "test", dag_id, date], env=env, capture_output=True, text=True,
+                                  cwd=ROOT)
+
+        s3.configure(lambda: endpoint.client(), source="the test endpoint")  # this process reads the results
         try:
-            yield completed, endpoint, proxy
+            yield SimpleNamespace(dags_test=dags_test, endpoint=endpoint, proxy=proxy)
         finally:
             s3.configure()
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_airflow):
+    return s3_airflow.dags_test("penguins", DATE), s3_airflow.endpoint, s3_airflow.proxy
 
 
 def test_dag_completes_on_s3_despite_faults(s3_run):
@@ -73,7 +83,31 @@ def test_s3_run_meets_the_same_quality_bar_and_publishes_a_version(s3_run):
     names = {uri[len(version) + 1:] for uri in store_for(version).list(version)}
     assert {"saved_model.pb", "model.keras", "shardline.json", "variables/variables.index"} <= names
     # Published through a staging prefix and server-side copies, under faults; the staging prefix is gone.
-    assert set(store_for(PREFIX).list(f"{PREFIX}/serving/penguins")) == {f"{version}/{n}" for n in names}
+    pointer = {f"{PREFIX}/serving/penguins/{n}" for n in ("production.json", "models.config")}
+    assert set(store_for(PREFIX).list(f"{PREFIX}/serving/penguins")) == {f"{version}/{n}" for n in names} | pointer
+
+
+def test_the_scoring_dag_scores_a_landing_file_on_s3(s3_run, s3_airflow):
+    """penguins_scoring on the same S3 store: the delivery under <store>/landing, predictions beside the data."""
+    import io
+
+    import palmerpenguins
+    import pandas as pd
+
+    day = "2026-11-26"
+    delivery = palmerpenguins.load_penguins().sample(150, random_state=8).drop(columns=["species"]).astype(str)
+    delivery.iloc[[10], delivery.columns.get_loc("bill_depth_mm")] = "deep"
+    store = store_for(PREFIX)
+    store.write_bytes(f"{PREFIX}/landing/penguins/{day}.csv", delivery.to_csv(index=False).encode())
+    completed = s3_airflow.dags_test("penguins_scoring", day)
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    manifest = read_json(f"{PREFIX}/predictions/penguins/{day}/manifest.json")
+    predictions = pd.read_parquet(io.BytesIO(store.read_bytes(f"{PREFIX}/predictions/penguins/{day}/predictions.parquet")))
+    assert manifest["rows"] == len(predictions) == 149 and manifest["rows_quarantined"] == 1
+    assert predictions["_line"].tolist() == [n for n in range(2, 152) if n != 12]
+    assert (predictions["model_version"] == 1795564800).all()
+    quarantine = store.read_bytes(f"{PREFIX}/validated/penguins_scoring/{day}/quarantine.csv").decode()
+    assert "\n12," in quarantine and "cannot parse 'deep' as a number" in quarantine
 
 
 def test_credentials_never_reach_logs_or_stored_json(s3_run):

@@ -48,6 +48,12 @@ def test_errors_name_the_file_and_the_field(tmp_path):
         ({"training": {"huber_delta": 0}}, r"training\.huber_delta must be positive"),
         ({"training": {"jit_compile": "maybe"}}, r"training\.jit_compile 'maybe'"),
         ({"features": {"c": {"kind": "categorical", "min_frequency": 0}}}, r"features\.c\.min_frequency: Input should be greater than or equal to 1"),
+        ({"evaluation": {"change": {"accuracy": "a lot"}}}, r"evaluation\.change must map metric names to numbers"),
+        ({"drift": {"action": "panic"}}, r"drift\.action 'panic' is not one of \('warn', 'stop'\)"),
+        ({"drift": {"features": {"nope": 0.1}}}, r"drift\.features names unknown features \['nope'\]"),
+        ({"drift": {"threshold": 0}}, r"drift threshold of 'threshold' must be a positive number"),
+        ({"serving": {"keep_versions": 0}}, r"serving\.keep_versions must be a positive integer"),
+        ({"scoring": {"key": ["kind"]}}, r"scoring\.key names the label 'kind'"),
     ],
 )
 def test_bad_specs_are_rejected_with_the_field_named(change, message):
@@ -100,3 +106,13 @@ def test_deterministic_training_is_a_boolean_from_the_spec_or_overrides():
         TrainingSpec().with_overrides({"deterministic": "sometimes"})
     with pytest.raises(SpecError, match="training.deterministic must be true or false, got 1"):
         parse_spec({**_minimal(), "training": {"deterministic": 1}})
+
+
+def test_lifecycle_settings_have_defaults_and_read_like_the_issue():
+    spec = tiny_spec(evaluation={"min": {"accuracy": 0.9}, "change": {"accuracy": -0.01}},
+                     drift={"action": "stop", "features": {"size": 0.05}}, scoring={"key": ["id"]})
+    assert spec.evaluation.change == {"accuracy": -0.01}
+    assert (spec.drift.action, spec.drift.threshold_of("size"), spec.drift.threshold_of("colour")) == ("stop", 0.05, 0.1)
+    assert spec.serving.keep_versions == 5 and spec.scoring.key == ("id",)
+    housing = load_spec(ROOT / "include" / "housing.yaml")
+    assert housing.evaluation.change == {"rmse": 1000} and housing.drift.action == "stop"

@@ -10,8 +10,10 @@ with two signatures:
   cleaned inside the model exactly as the validate step parses and cleans a delivery
   (surrounding whitespace stripped, NA tokens made missing);
 
-plus ``model.keras`` (the same inference model as a Keras file) and ``shardline.json``
-(where it came from, its test metrics and its signature).
+plus ``model.keras`` (the same inference model as a Keras file), ``shardline.json``
+(where it came from, its test metrics and its signature) and, when the statistics step
+ran, ``statistics.json``: the profile of the data the model was trained on, which
+later deliveries are checked against for drift while it is in production.
 
 Before anything is published, a fresh Python process loads the SavedModel and
 predicts raw test rows, rows with each feature missing or never seen in training,
@@ -48,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from tfjobs import cli
+from tfjobs.promote import run_of
 from tfjobs.spec import PipelineSpec, load_spec
 from tfjobs.storage.store import join, read_json, staging_dir, store_for
 
@@ -57,6 +60,7 @@ SAVED_MODEL_MARKER = "saved_model.pb"
 METADATA_FILE = "shardline.json"
 KERAS_FILE = "model.keras"
 RAW_SIGNATURE = "serving_raw"
+STATISTICS_FILE = "statistics.json"
 #: The skew check compares this many test rows at most (the first ones), plus the edge rows: its memory is bounded.
 SKEW_CHECK_ROWS = 10_000
 
@@ -78,6 +82,7 @@ class ExportArgs:
     metrics_uri: str
     serving_uri: str
     version: int
+    statistics_uri: str = ""  # the training partition's statistics.json, kept with the version (drift baseline)
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,7 @@ def export_model(args: ExportArgs) -> ExportResult:
         log.info("Version %d already holds another model; publishing as version %d", args.version, version)
 
     state = read_json(args.state_uri)
+    statistics = _training_statistics(args)
     with staging_dir() as tmp:
         model_dir = tmp / str(version)
         write_saved_model(inference_model, state, model_dir)
@@ -160,12 +166,33 @@ def export_model(args: ExportArgs) -> ExportResult:
             "test_metrics": {k: v for k, v in evaluation["metrics"].items() if isinstance(v, float)},
             "max_skew": max_skew,
             "signature": signature_description(state),
+            "run": run_of(args.model_uri),
+            "model_sha256": evaluation.get("inputs", {}).get("model_sha256"),
+            "forced": evaluation.get("forced"),
         }
+        if statistics is not None:
+            (model_dir / STATISTICS_FILE).write_bytes(statistics)
+            metadata["statistics"] = STATISTICS_FILE
         (model_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         version_uri = join(args.serving_uri, str(version))
         store.publish_dir(model_dir, version_uri, last=[SAVED_MODEL_MARKER])
     log.info("Published %s version %d at %s (max skew %.2g)", spec.model_name, version, version_uri, max_skew)
     return ExportResult(version, version_uri, join(version_uri, KERAS_FILE), max_skew, True)
+
+
+def _training_statistics(args: ExportArgs) -> bytes | None:
+    """The statistics of the data the model was trained on, checked against the shards' input; None if absent."""
+    if not args.statistics_uri or not store_for(args.statistics_uri).exists(args.statistics_uri):
+        return None
+    data = store_for(args.statistics_uri).read_bytes(args.statistics_uri)
+    trained_on = read_json(args.shards_manifest_uri).get("input_sha256")
+    if json.loads(data).get("data_sha256") != trained_on:
+        from tfjobs.evaluate import InputMismatchError
+
+        raise InputMismatchError(
+            f"The statistics at {args.statistics_uri} describe other data than the shards at "
+            f"{args.shards_manifest_uri} were cut from: re-run the statistics step for this partition.")
+    return data
 
 
 def signature_description(state: dict) -> dict:
@@ -334,9 +361,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", required=True, help="URI of the evaluate step's metrics.json")
     parser.add_argument("--serving", required=True, help="serving prefix URI: <store>/serving/<model_name>")
     parser.add_argument("--version", required=True, type=int, help="proposed version number")
+    parser.add_argument("--statistics", default="", help="URI of the partition's statistics.json, kept with the version")
     args = cli.parse(parser, argv)
     result = export_model(
-        ExportArgs(load_spec(args.spec), args.model, args.state, args.shards, args.metrics, args.serving, args.version)
+        ExportArgs(load_spec(args.spec), args.model, args.state, args.shards, args.metrics, args.serving, args.version,
+                   args.statistics)
     )
     cli.print_result(result)
 

@@ -7,6 +7,8 @@ signature; when a row has ``null``, an absent key or text for a number (``" 3.5"
 are an empty cell), which the model parses and cleans as the validate step does.
 Binary values (an image file) are sent as TF Serving's REST API takes them,
 ``{"b64": "<base64>"}``; as CSV text they are that base64 text.
+The version is production's (``production.json``, :mod:`tfjobs.promote`) unless one is
+asked for; a store from before production pointers serves its newest version.
 
     python -m tfjobs.predict --serving .demo/store/serving/penguins --instances include/penguins_request.json
 """
@@ -72,10 +74,12 @@ def _text(value) -> str:
 def predict(serving_uri: str, instances: list[dict[str, Any]], version: int | None = None) -> dict[str, Any]:
     import tensorflow as tf
 
+    from tfjobs.promote import champion
+
     versions = published_versions(serving_uri)
     if not versions:
         raise FileNotFoundError(f"No published version under {serving_uri}")
-    version = version or max(versions)
+    version = version or champion(serving_uri).version  # production.json's, as TF Serving's models.config
     if version not in versions:
         raise FileNotFoundError(f"Version {version} is not published under {serving_uri}; versions: {list(versions)}")
     with local_dir_copy(versions[version]) as model_dir:
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tfjobs.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--serving", required=True, help="the model's serving prefix: <store>/serving/<model_name>")
     parser.add_argument("--instances", required=True, help="JSON file: a list of raw rows (or {'instances': [...]})")
-    parser.add_argument("--version", type=int, default=None, help="version to load (default: the newest)")
+    parser.add_argument("--version", type=int, default=None,
+                        help="version to load (default: production's, from production.json; else the newest)")
     args = cli.parse(parser, argv)
     instances = json.loads(Path(args.instances).read_text())
     if isinstance(instances, dict):

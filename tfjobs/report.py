@@ -2,8 +2,9 @@
 
     python -m tfjobs.report --spec include/penguins.yaml --store .demo/store [--instances request.json]
 
-Reads the newest partition, run and serving version (or the ones given); with
-``--instances`` it also loads the exported model from the store and predicts.
+Reads the newest partition and run (or the ones given) and the production version; with
+``--instances`` it also loads the production model from the store and predicts. With
+``--html`` it (re)writes the run's HTML report (:mod:`tfjobs.run_report`) and prints where.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from tfjobs import cli
 from tfjobs.storage.layout import Layout
+from tfjobs.run_report import REPORT_FILE
 from tfjobs.spec import load_spec
 from tfjobs.storage.store import join, read_json_if_exists, store_for
 
@@ -27,6 +29,7 @@ def _newest_child(prefix: str) -> str | None:
 
 def summarize(spec_path: str, store_uri: str, partition: str = "", run: str = "") -> list[str]:
     from tfjobs.export import published_versions
+    from tfjobs.promote import champion
 
     spec = load_spec(spec_path)
     partition = partition or _newest_child(join(store_uri, "shards", spec.name)) or "?"
@@ -69,15 +72,26 @@ def summarize(spec_path: str, store_uri: str, partition: str = "", run: str = ""
     evaluation = read_json_if_exists(join(layout.run_dir, "evaluate", "metrics.json"))
     if evaluation:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in evaluation["metrics"].items() if isinstance(v, float))
-        verdict = "blessed" if evaluation["blessed"] else "NOT blessed: " + "; ".join(evaluation["failures"])
+        verdict = evaluation.get("verdict") or ("blessed" if evaluation["blessed"] else "NOT blessed")
+        if verdict != "promote":
+            verdict += ": " + (evaluation.get("reason") or "; ".join(evaluation["failures"]))
         line("test metrics", join(layout.run_dir, "evaluate", "metrics.json"),
              f"{metrics} on {evaluation['records']} test rows ({verdict})")
     versions = published_versions(layout.serving)
-    if versions:
-        newest = max(versions)
-        metadata = read_json_if_exists(join(versions[newest], "shardline.json")) or {}
-        line("serving", versions[newest],
-             f"SavedModel version {newest} of {len(versions)}; skew check max |diff| {metadata.get('max_skew')}")
+    production = champion(layout.serving) if versions else None
+    if production is not None:
+        pointer = read_json_if_exists(join(layout.serving, "production.json")) or {}
+        since = f"; production since {pointer['promoted_at']}: {pointer['reason']}" if pointer else ""
+        line("serving", production.uri,
+             f"SavedModel version {production.version} of {len(versions)} (production, from run {production.run})"
+             f"; skew check max |diff| {production.metadata.get('max_skew')}{since}")
+    statistics = read_json_if_exists(join(layout.statistics, "statistics.json"))
+    if statistics:
+        line("statistics", join(layout.statistics, "statistics.json"), statistics["drift"]["message"])
+    report = join(layout.run_dir, REPORT_FILE)
+    if store_for(report).exists(report):
+        local = store_for(report).local_path(report)
+        line("run report", report, f"one HTML file, no network needed: {local.resolve().as_uri() if local else report}")
     return lines
 
 
@@ -87,8 +101,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", required=True, help="object store root URI")
     parser.add_argument("--partition", default="", help="partition to show (default: the newest)")
     parser.add_argument("--run", default="", help="run to show (default: the newest)")
-    parser.add_argument("--instances", default="", help="JSON rows to predict with the newest serving version")
+    parser.add_argument("--instances", default="", help="JSON rows to predict with the production version")
+    parser.add_argument("--html", action="store_true", help="write the run's HTML report first")
     args = cli.parse(parser, argv)
+    if args.html:
+        from tfjobs.run_report import write_run_report
+
+        spec = load_spec(args.spec)
+        partition = args.partition or _newest_child(join(args.store, "shards", spec.name)) or "?"
+        run = args.run or _newest_child(join(args.store, "runs", spec.name)) or "?"
+        write_run_report(spec, Layout(args.store, spec.name, partition, run=run, model_name=spec.model_name))
     print("\n".join(summarize(args.spec, args.store, args.partition, args.run)))
     if args.instances:
         from tfjobs.predict import predict
@@ -97,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         instances = json.loads(Path(args.instances).read_text())
         instances = instances["instances"] if isinstance(instances, dict) else instances
         result = predict(join(args.store, "serving", spec.model_name), instances)
-        print(f"\nPrediction by the exported model (version {result['version']}, loaded from the store):")
+        print(f"\nPrediction by the production model (version {result['version']}, loaded from the store):")
         for row, prediction in zip(instances, result["predictions"]):
             shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}
             answer = {k: v for k, v in prediction.items() if k != "class_ids"}

@@ -181,6 +181,56 @@ class EvaluationSpec:
     # A model is "blessed" (and exported) only if every bound holds on the test split.
     min: dict[str, float] = field(default_factory=dict)  # e.g. {accuracy: 0.9}
     max: dict[str, float] = field(default_factory=dict)  # e.g. {rmse: 70000}
+    # ... and, when a model is in production, if each metric changed by no more than this against it on the same
+    # test rows, in the metric's own direction (tfjobs.evaluate): {accuracy: -0.01} may lose 0.01, {rmse: +500}
+    # may grow by 500; {accuracy: 0.01} must gain 0.01.
+    change: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, bounds in (("min", self.min), ("max", self.max), ("change", self.change)):
+            if not isinstance(bounds, dict) or not all(isinstance(v, (int, float)) for v in bounds.values()):
+                raise SpecError(f"evaluation.{name} must map metric names to numbers, got {bounds!r}")
+
+
+DRIFT_ACTIONS = ("warn", "stop")
+
+
+@dataclass(frozen=True)
+class DriftSpec:
+    """How far a delivery's per-feature statistics may move from those the production model was trained on.
+
+    Each kind measures its own distance (:meth:`tfjobs.features.Feature.drift`: Jensen-Shannon divergence
+    for numbers, L-infinity for categories, both in [0, 1]); above its threshold a feature has drifted.
+    """
+
+    action: str = "warn"  # warn: log it and go on; stop: fail the statistics step, before training or scoring
+    threshold: float = 0.1  # every profiled feature's, unless `features` names it
+    features: dict[str, float] = field(default_factory=dict)  # per feature: {median_income: 0.1}
+
+    def __post_init__(self):
+        if self.action not in DRIFT_ACTIONS:
+            raise SpecError(f"drift.action {self.action!r} is not one of {DRIFT_ACTIONS}")
+        for name, value in {"threshold": self.threshold, **self.features}.items():
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise SpecError(f"drift threshold of {name!r} must be a positive number, got {value!r}")
+
+    def threshold_of(self, feature: str) -> float:
+        return float(self.features.get(feature, self.threshold))
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    keep_versions: int = 5  # published versions kept; older ones are pruned, oldest first, never production's
+
+    def __post_init__(self):
+        if not isinstance(self.keep_versions, int) or self.keep_versions < 1:
+            raise SpecError(f"serving.keep_versions must be a positive integer, got {self.keep_versions!r}")
+
+
+@dataclass(frozen=True)
+class ScoringSpec:
+    # Columns of a scoring delivery copied into its predictions beside the CSV line (an id, a key).
+    key: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -199,6 +249,9 @@ class PipelineSpec:
     training: TrainingSpec = TrainingSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     serving_name: str = ""
+    drift: DriftSpec = DriftSpec()
+    serving: ServingSpec = ServingSpec()
+    scoring: ScoringSpec = ScoringSpec()
 
     @property
     def model_name(self) -> str:
@@ -321,7 +374,13 @@ def parse_spec(raw: Any) -> PipelineSpec:
         training=training,
         evaluation=_build(EvaluationSpec, raw.get("evaluation") or {}, "evaluation"),
         serving_name=str(raw.get("serving_name", "")),
+        drift=_parse_drift(raw.get("drift") or {}, features),
+        serving=_build(ServingSpec, raw.get("serving") or {}, "serving"),
+        scoring=_build(ScoringSpec, {k: tuple(v) if k == "key" else v for k, v in (raw.get("scoring") or {}).items()},
+                       "scoring"),
     )
+    if label.name in spec.scoring.key:
+        raise SpecError(f"scoring.key names the label {label.name!r}: a delivery to score has no label")
     known = {f.name for f in dataclasses.fields(PipelineSpec)}
     unknown = set(raw) - known
     if unknown:
@@ -335,6 +394,14 @@ def _parse_feature(name: str, raw: Any) -> Feature:
     except OptionsError as err:
         raise SpecError("; ".join(f"features.{name}{'.' + path if path else ''}: {message}"
                                   for path, message in err.errors)) from None
+
+
+def _parse_drift(raw: Any, features: tuple[Feature, ...]) -> DriftSpec:
+    drift = _build(DriftSpec, dict(raw) if isinstance(raw, dict) else raw, "drift")
+    unknown = set(drift.features) - {f.name for f in features}
+    if unknown:
+        raise SpecError(f"drift.features names unknown features {sorted(unknown)}")
+    return drift
 
 
 def _parse_crosses(raw: Any, features: dict[str, Feature]) -> tuple[Cross, ...]:

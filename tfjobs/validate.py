@@ -17,6 +17,11 @@ feature's kind rejects a value (a number that does not parse, ...), or when a va
 is missing and the feature's policy is ``quarantine``. The served model cleans raw
 values with the same rules (the kinds' ``parse_text``/``clean_tensor``). No row is dropped silently: rows in = valid + quarantined.
 
+A delivery to score has no label (``label_required=False``, ``--no-label``): the label
+is neither required nor checked, and ``data.parquet`` holds each valid row's CSV line
+number (``_line``, as in ``quarantine.csv``), the spec's ``scoring.key`` columns as
+delivered, and the features.
+
     python -m tfjobs.validate --spec include/penguins.yaml --raw <store>/raw/penguins/2026-11-25 \\
         --output <store>/validated/penguins/2026-11-25
 """
@@ -79,14 +84,16 @@ class ValidateResult:
     rewritten: bool
 
 
-def validate_dataset(spec: PipelineSpec, raw_uri: str, output_uri: str) -> ValidateResult:
+def validate_dataset(spec: PipelineSpec, raw_uri: str, output_uri: str, *, label_required: bool = True
+                     ) -> ValidateResult:
     raw_manifest_uri = join(raw_uri, "manifest.json")
     if not store_for(raw_manifest_uri).exists(raw_manifest_uri):
         raise FileNotFoundError(f"No raw data at {raw_uri} (no manifest.json): run the fetch step first")
     raw_manifest = read_json(raw_manifest_uri)
     report_uri = join(output_uri, REPORT)
     previous = read_json_if_exists(report_uri)
-    if previous and previous["raw_sha256"] == raw_manifest["sha256"] and previous["spec"] == spec.fingerprint():
+    if (previous and previous["raw_sha256"] == raw_manifest["sha256"] and previous["spec"] == spec.fingerprint()
+            and previous.get("label_required", True) == label_required):
         log.info("Validated data at %s is up to date; nothing rewritten", output_uri)
         return _result(output_uri, previous, rewritten=False)
 
@@ -94,7 +101,7 @@ def validate_dataset(spec: PipelineSpec, raw_uri: str, output_uri: str) -> Valid
     store.delete(report_uri)
     with local_copy(join(raw_uri, raw_manifest["file"])) as raw_path, staging_dir() as tmp:
         counts = _validate_csv(spec, raw_path, tmp / DATA_FILE, tmp / QUARANTINE_FILE, source=raw_uri,
-                               raw_format=raw_manifest.get("format", "csv"))
+                               raw_format=raw_manifest.get("format", "csv"), label_required=label_required)
         store.upload(tmp / DATA_FILE, join(output_uri, DATA_FILE))
         store.upload(tmp / QUARANTINE_FILE, join(output_uri, QUARANTINE_FILE))
         report = {
@@ -106,6 +113,8 @@ def validate_dataset(spec: PipelineSpec, raw_uri: str, output_uri: str) -> Valid
             "quarantine_file": QUARANTINE_FILE,
             **counts,
         }
+        if not label_required:
+            report.update(label_required=False, key=list(spec.scoring.key))
     _check_quarantine_share(spec, report, join(output_uri, QUARANTINE_FILE))
     write_json(report_uri, report)
     log.info(
@@ -128,12 +137,31 @@ def _result(output_uri: str, report: dict, rewritten: bool) -> ValidateResult:
     )
 
 
-def arrow_schema(spec: PipelineSpec):
-    """The Parquet schema of validated data: spec columns in spec order, then the split column if any."""
+def arrow_schema(spec: PipelineSpec, label_required: bool = True):
+    """The Parquet schema of validated data: spec columns in spec order, then the split column if any;
+    for scoring, line and key first, and no label."""
     import pyarrow as pa
 
-    return pa.schema([pa.field(c.name, arrow_type(c.dtype), nullable=False) for c in spec.record_columns()]
-                     + [pa.field(name, pa.string(), nullable=False) for name in spec.split_columns])
+    if label_required:
+        return pa.schema([pa.field(c.name, arrow_type(c.dtype), nullable=False) for c in spec.record_columns()]
+                         + [pa.field(name, pa.string(), nullable=False) for name in spec.split_columns])
+    return pa.schema([pa.field(LINE_COLUMN, pa.int64(), nullable=False)]
+                     + [pa.field(name, pa.string(), nullable=False) for name in key_columns(spec)]
+                     + [pa.field(f.column().name, arrow_type(f.column().dtype), nullable=False) for f in spec.features])
+
+
+def key_columns(spec: PipelineSpec) -> list[str]:
+    """The ``scoring.key`` columns that are not features: kept as delivered (a feature is kept as it is typed)."""
+    features = {f.name for f in spec.features}
+    return [name for name in spec.scoring.key if name not in features]
+
+
+def required_columns(spec: PipelineSpec, label_required: bool = True) -> list[str]:
+    """The columns a delivery must have: the spec's (and its split column) for training; for scoring,
+    the ``scoring.key`` and the features."""
+    if label_required:
+        return [*spec.columns, *spec.split_columns]
+    return list(dict.fromkeys([*spec.scoring.key, *(f.name for f in spec.features)]))
 
 
 def _raw_chunks(raw_path, raw_format: str):
@@ -148,11 +176,12 @@ def _csv_chunks(raw_path):
 
 
 def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, source: str,
-                  raw_format: str = "csv") -> dict:
+                  raw_format: str = "csv", label_required: bool = True) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = arrow_schema(spec)
+    schema = arrow_schema(spec, label_required)
+    kept = required_columns(spec, label_required)
     reasons: collections.Counter[str] = collections.Counter()
     missing: collections.Counter[str] = collections.Counter()
     rows_in = rows_valid = rows_quarantined = 0
@@ -163,12 +192,15 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
         for chunk in reader:
             if rows_in == 0:
                 columns = list(chunk.columns)
-                _check_columns(spec, columns, source)
-                extra = sorted(set(columns) - set(spec.columns) - set(spec.split_columns))
-                kept = [*spec.columns, *spec.split_columns, *extra]  # what the quarantine shows of a row
+                _check_columns(spec, columns, source, label_required)
+                extra = sorted(set(columns) - set(kept))
+                kept = [*kept, *extra]  # what the quarantine shows of a row
             chunk.index = np.arange(rows_in, rows_in + len(chunk)) + first_line  # CSV line or Parquet row numbers
             rows_in += len(chunk)
-            typed, row_reasons, chunk_reasons, chunk_missing = _check_chunk(spec, chunk, na_values)
+            typed, row_reasons, chunk_reasons, chunk_missing = _check_chunk(spec, chunk, na_values, label_required)
+            if not label_required:
+                typed = {LINE_COLUMN: chunk.index.to_numpy(np.int64),
+                         **{name: chunk[name].to_numpy(dtype=object) for name in key_columns(spec)}, **typed}
             reasons.update(chunk_reasons)
             missing.update(chunk_missing)
             bad = row_reasons != ""
@@ -181,7 +213,7 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
                 rows_quarantined += int(bad.sum())
             good = {name: values[~bad] for name, values in typed.items()}
             rows_valid += int((~bad).sum())
-            if len(good[spec.label.name]):
+            if (~bad).any():
                 writer.write_table(pa.table(good, schema=schema), row_group_size=ROW_GROUP_ROWS)
         if rows_in == 0:
             raise ValueError(f"{source} has a header but no rows")
@@ -204,13 +236,15 @@ def _quarantine_text(value):
     return value
 
 
-def _check_columns(spec: PipelineSpec, columns: list[str], source: str) -> None:
-    absent = [name for name in (*spec.columns, *spec.split_columns) if name not in columns]
+def _check_columns(spec: PipelineSpec, columns: list[str], source: str, label_required: bool = True) -> None:
+    absent = [name for name in required_columns(spec, label_required) if name not in columns]
     if absent:
+        features = {f.name for f in spec.features}
         roles = ", ".join(
             f"{name!r} (the label)" if name == spec.label.name
             else f"{name!r} (the split column)" if name in spec.split_columns
-            else f"{name!r} (a {spec.feature(name).kind} feature)"
+            else f"{name!r} (a {spec.feature(name).kind} feature)" if name in features
+            else f"{name!r} (a scoring.key column)"
             for name in absent
         )
         raise MissingColumnError(
@@ -219,7 +253,7 @@ def _check_columns(spec: PipelineSpec, columns: list[str], source: str) -> None:
         )
 
 
-def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str]):
+def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str], label_required: bool = True):
     """Typed columns, one reason string per row ('' when valid), counts by reason, missing counts."""
     row_reasons = pd.Series("", index=chunk.index, dtype=object)
     reason_counts: collections.Counter[str] = collections.Counter()
@@ -248,6 +282,8 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str]):
             reject(rows, f"{feature.name}: {reason}", shown)
         typed[feature.name] = cleaned.values
 
+    if not label_required:
+        return typed, row_reasons, reason_counts, missing
     label = spec.label
     values = chunk[label.name].str.strip(WHITESPACE)
     is_na = values.isin(na_values)
@@ -284,8 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", required=True, help="pipeline spec YAML")
     parser.add_argument("--raw", required=True, help="raw data prefix URI (the fetch step's output)")
     parser.add_argument("--output", required=True, help="output prefix URI")
+    parser.add_argument("--no-label", action="store_true", help="a delivery to score: the label is not required")
     args = cli.parse(parser, argv)
-    cli.print_result(validate_dataset(load_spec(args.spec), args.raw, args.output))
+    cli.print_result(validate_dataset(load_spec(args.spec), args.raw, args.output, label_required=not args.no_label))
 
 
 if __name__ == "__main__":

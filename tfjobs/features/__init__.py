@@ -7,6 +7,7 @@
 :mod:`.integer_categorical`  ``integer_categorical``: an integer id, looked up or hashed
 :mod:`.image`             ``image``: an encoded image file, decoded and resized inside the model
 :mod:`.crosses`           the spec's ``crosses:``, hashed crossings of indices
+:mod:`.profiles`          profiles of delivered values and their distances (drift), for the kinds to reuse
 :mod:`.preprocessing`     the Keras layer that runs every kind, in training and serving
 ========================  ===================================================================
 
@@ -20,6 +21,7 @@ from tfjobs.features.base import (
     MISSING_POLICIES,
     NUMBERS,
     Cleaned,
+    Drift,
     Encoded,
     Feature,
     KindOptions,
@@ -39,6 +41,7 @@ __all__ = [
     "NUMBERS",
     "Cleaned",
     "Cross",
+    "Drift",
     "Encoded",
     "Feature",
     "KindOptions",

@@ -24,6 +24,9 @@ to edit. Each kind answers, in its own module, the questions only it can answer:
 ``serving``                  its serving signature: dtype, and how a REST client sends it
 ``edge_values``              raw values the export's skew check must also try (unseen, missing)
 ``text_variants``            the same values as CSV text (``serving_raw``; an encoded file as base64)
+``profile``, ``drift``       optional: a streaming profile of delivered values (for the run report
+                             and drift checks) and the distance between two profiles' results;
+                             kinds that do not answer are skipped (:mod:`.profiles`)
 ===========================  ==============================================================
 
 Nothing here imports TensorFlow at module level: specs are parsed by the Airflow DAG
@@ -114,6 +117,15 @@ class Statistics:
     def result(self) -> dict[str, Any]:
         """The adapted state, JSON-ready, as ``state.json`` shows it."""
         raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Drift:
+    """How far a feature's values moved between two profiles: the measure, its value in [0, 1], what moved."""
+
+    measure: str  # jensen_shannon, l_infinity, ...
+    distance: float
+    detail: str  # for people: "mean 3.87 -> 5.87, ..." or "'NEAR LAKE' (never seen in training): 0.0% -> 61.2%"
 
 
 class RunningMoments:
@@ -249,6 +261,27 @@ class Feature:
     def gives_index(self) -> bool:
         """Whether the encoder outputs one index per row: such features can be crossed."""
         return False
+
+    # -- statistics of a delivery (run report, drift) ----------------------------------------
+    def profile(self) -> Statistics | None:
+        """A streaming, mergeable profile of a delivery's cleaned values (as validate stores them), or None.
+
+        ``update`` takes a batch of stored values (NumPy), ``merge`` another profile of the
+        same kind, ``result`` a JSON-ready dict with ``count``, ``missing`` and
+        ``missing_share``, plus ``histogram``/``quantiles`` or ``top_values`` to be drawn and
+        any other numbers to be listed (:mod:`tfjobs.features.profiles` has profiles to
+        reuse: numbers, value counts). None, the default: the kind is not profiled, and the
+        statistics step and the drift check skip its features.
+        """
+        return None
+
+    def drift(self, baseline: dict, current: dict) -> Drift | None:
+        """How far ``current`` (a :meth:`profile` result) moved from ``baseline`` (the training data's).
+
+        The spec's ``drift`` thresholds apply to ``Drift.distance``, which must lie in [0, 1].
+        None, the default: not measured.
+        """
+        return None
 
 
 def kinds() -> dict[str, type[Feature]]:

@@ -32,6 +32,7 @@ import pydantic
 
 from tfjobs.features.base import (
     Cleaned,
+    Drift,
     Encoded,
     Feature,
     KindOptions,
@@ -42,6 +43,7 @@ from tfjobs.features.base import (
     WHITESPACE,
     strip_and_mark_missing_tensor,
 )
+from tfjobs.features.profiles import ValueCountsProfile, describe_value_drift, l_infinity
 from tfjobs.storage.examples import Column
 
 log = logging.getLogger(__name__)
@@ -276,6 +278,14 @@ class Categorical(Feature):
             d = self.options.delimiter
             values = [f" {d} ".join(v.split(d)) + f"{d} " if v else v for v in values]
         return as_text(values, [v == MISSING_STRING for v in values], na_values)
+
+    # -- statistics of a delivery ----------------------------------------------------------------------
+    def profile(self) -> ValueCountsProfile:
+        return ValueCountsProfile(self.tokens, self.missing_value)
+
+    def drift(self, baseline: dict, current: dict) -> Drift:
+        distance, value = l_infinity(baseline, current)
+        return Drift("l_infinity", distance, describe_value_drift(baseline, current, value))
 
     def edge_values(self, state: dict) -> list:
         if self.is_list:

@@ -27,6 +27,7 @@ import pydantic
 
 from tfjobs.features.base import (
     Cleaned,
+    Drift,
     Encoded,
     Feature,
     KindOptions,
@@ -37,6 +38,7 @@ from tfjobs.features.base import (
     strip_and_mark_missing,
     strip_and_mark_missing_tensor,
 )
+from tfjobs.features.profiles import NumericProfile, describe_numeric_drift, jensen_shannon
 from tfjobs.storage.examples import Column
 
 #: Quantile summaries keep about 1 / epsilon points (Keras's Discretization default is 0.01).
@@ -177,3 +179,10 @@ class Numeric(Feature):
     def edge_values(self, state: dict) -> list:
         # Missing, and far outside the training range on both sides.
         return [math.nan, state["min"] - 10 * (state["max"] - state["min"] + 1), state["max"] * 10 + 1]
+
+    # -- statistics of a delivery ----------------------------------------------------------------------
+    def profile(self) -> NumericProfile:
+        return NumericProfile()
+
+    def drift(self, baseline: dict, current: dict) -> Drift:
+        return Drift("jensen_shannon", jensen_shannon(baseline, current), describe_numeric_drift(baseline, current))

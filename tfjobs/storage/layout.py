@@ -7,7 +7,10 @@
     <root>/shards/<dataset>/<partition>/         <split>/part-00000-of-000NN.tfrecord.gz, manifest.json
     <root>/preprocessing/<dataset>/<partition>/  state.json
     <root>/runs/<dataset>/<run>/                 model.keras, checkpoints/, tensorboard/, metrics.json ...
+    <root>/statistics/<dataset>/<partition>/     statistics.json (per-feature profiles, drift against production)
     <root>/serving/<model_name>/<version>/       saved_model.pb, variables/, assets/ (TF Serving layout)
+    <root>/serving/<model_name>/production.json  which version is production; models.config for TF Serving
+    <root>/predictions/<dataset>/<partition>/    predictions.parquet, manifest.json (the scoring DAG)
 
 Data steps are keyed by the partition (the run's logical date), so every run of
 the same day shares them; model steps are keyed by the run.
@@ -57,6 +60,14 @@ class Layout:
     @property
     def preprocessing(self) -> str:
         return self._data("preprocessing")
+
+    @property
+    def statistics(self) -> str:
+        return self._data("statistics")
+
+    @property
+    def predictions(self) -> str:
+        return self._data("predictions")
 
     @property
     def run_dir(self) -> str:
