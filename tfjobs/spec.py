@@ -223,9 +223,11 @@ class PipelineSpec:
         Names are the tunable settings (:func:`tunable_settings`); each value is cast and
         checked as the spec's own would be, and an error names the setting.
         """
-        spec = self
-        for name, value in (settings or {}).items():
-            spec = _with_setting(spec, name, value)
+        if not settings:
+            return self
+        spec, types = self, tunable_settings(self)
+        for name, value in settings.items():
+            spec = _with_setting(spec, name, value, setting_type(types, name))
         return spec
 
 
@@ -454,9 +456,10 @@ class TuningSpec(pydantic.BaseModel):
 
     def check(self, spec: PipelineSpec) -> None:
         """Every setting exists and every value its range allows fits the spec; the objective fits the task."""
+        types = tunable_settings(spec)
         for name, search in self.space.items():
             where = f"space.{name}"
-            kind = setting_type(spec, name, where)
+            kind = setting_type(types, name, where)
             if search.choices is None and kind not in ("int", "float"):
                 raise SpecError(f"tuning.{where}: {name} is a {kind} setting: give choices, not low and high")
             if search.choices is None and kind == "int" and not all(
@@ -464,7 +467,7 @@ class TuningSpec(pydantic.BaseModel):
                 raise SpecError(f"tuning.{where}: {name} takes whole numbers; low, high and step must be integers")
             for value in search.values_to_check():
                 try:
-                    spec.with_settings({name: value})
+                    _with_setting(spec, name, value, kind)
                 except SpecError as err:
                     raise SpecError(f"tuning.{where}: {err}") from None
         metrics = OBJECTIVE_METRICS[spec.label.task]
@@ -500,15 +503,14 @@ def _parses(name: str, raw: dict) -> bool:
     return True
 
 
-def setting_type(spec: PipelineSpec, name: str, where: str = "") -> str:
-    settings = tunable_settings(spec)
-    if name not in settings:
-        raise SpecError(f"tuning.{where or name}: unknown setting {name!r}; known settings: {sorted(settings)}")
-    return settings[name]
+def setting_type(types: dict[str, str], name: str, where: str = "") -> str:
+    """The type of a setting among ``types`` (:func:`tunable_settings`); an unknown name is an error listing them."""
+    if name not in types:
+        raise SpecError(f"tuning.{where or name}: unknown setting {name!r}; known settings: {sorted(types)}")
+    return types[name]
 
 
-def _with_setting(spec: PipelineSpec, name: str, value: Any) -> PipelineSpec:
-    kind = setting_type(spec, name)
+def _with_setting(spec: PipelineSpec, name: str, value: Any, kind: str) -> PipelineSpec:
     section, _, key = name.partition(".")
     try:
         if kind == "int" and (isinstance(value, bool) or float(value) != int(float(value))):
