@@ -122,6 +122,10 @@ def test_the_spec_defaults_queued_first_are_those_the_space_allows():
     held = dataclasses.replace(args, hyperparameters={"learning_rate": "0.02", "epochs": "3"}, model_kind="mlp")
     assert held.fixed == {"training.learning_rate": "0.02", "model.kind": "mlp"}
     assert not {"training.learning_rate", "model.kind"} & set(held.space) and "training.loss" in held.space
+    only_learning_rate = penguins_with_tuning(space={"training.learning_rate": {"low": 0.001, "high": 0.1}})
+    with pytest.raises(ValueError, match=r"sets every searched setting itself \(\['training.learning_rate'\]\)"):
+        tune.plan_study(tune.TuneArgs(only_learning_rate, "m", "s", "o", "sqlite://",
+                                      hyperparameters={"learning_rate": "0.02"}))
 
 
 @pytest.fixture(scope="module")

@@ -312,6 +312,9 @@ def spec_defaults(args: TuneArgs) -> dict[str, Any]:
 
 def plan_study(args: TuneArgs) -> StudyPlan:
     """Create (or resume) the study and queue the spec's own settings as its first trial."""
+    if not args.space:
+        raise ValueError(f"This run sets every searched setting itself ({sorted(args.fixed)}): nothing is left to "
+                         "search. Leave one of them empty, or switch tuning off")
     study = open_study(args)
     resumed = bool(study.get_trials(deepcopy=False))
     defaults = spec_defaults(args)
