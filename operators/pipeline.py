@@ -14,15 +14,21 @@ from operators.report import RunReportOperator
 from operators.shard import ShardToTFRecordOperator
 from operators.statistics import ComputeStatisticsOperator
 from operators.train import TrainModelOperator
+from operators.tune import OPTIONAL_HYPERPARAMETERS, OPTIONAL_MODEL_KIND, tuning_steps
 from operators.validate import ValidateDatasetOperator
 
 
-def training_pipeline() -> list[BaseOperator]:
+def training_pipeline(tuning: bool = False) -> list[BaseOperator]:
     """fetch -> validate -> statistics -> shard -> adapt -> train -> evaluate -> export -> promote, chained,
     and the run report as a teardown (it runs whatever happened, and does not change the run's state).
+    With ``tuning``, the search's mapped tasks (tune_plan -> tune -> tune_best) run before train.
 
     Call it inside a DAG whose ``default_args`` name the spec (``{"spec": path}``)
     and whose ``params`` come from :func:`operators.params.training_params`.
+
+    ``tuning=True`` puts the search between adapt and train (``tune_plan``, the mapped
+    ``tune`` runners, ``tune_best``; :mod:`operators.tune`), switched per run by the
+    ``tuning`` Param: the DAG's ``params`` then come from :func:`operators.tune.tuning_params`.
     """
     tasks = [
         # `or ''`: the form sends null for an empty optional field.
@@ -37,12 +43,15 @@ def training_pipeline() -> list[BaseOperator]:
         ComputeStatisticsOperator(task_id="statistics"),
         ShardToTFRecordOperator(task_id="shard"),
         AdaptPreprocessingOperator(task_id="adapt"),
+        *(tuning_steps() if tuning else ()),
+        # In a DAG that can tune, train takes the best trial's settings, under the Params the run sets.
         TrainModelOperator(
             task_id="train",
-            hyperparameters=HYPERPARAMETERS,
-            model_kind="{{ params.model }}",
+            hyperparameters=OPTIONAL_HYPERPARAMETERS if tuning else HYPERPARAMETERS,
+            model_kind=OPTIONAL_MODEL_KIND if tuning else "{{ params.model }}",
             force="{{ params.force_retrain }}",
             epoch_timeout="{{ params.epoch_timeout }}",
+            tuned_by="tune_best" if tuning else None,
         ),
         # .get: a DAG whose form predates the Param still renders.
         EvaluateModelOperator(task_id="evaluate", force="{{ params.get('force_promotion', False) }}"),

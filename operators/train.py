@@ -34,6 +34,8 @@ class TrainModelOperator(ShardlineOperator):
     :param epoch_timeout: the most one epoch may take, e.g. ``"10m"`` (templated). Unless the task
         or the DAG sets an ``execution_timeout``, training is stopped after 30 minutes plus the
         epochs to run times this, so that a run of many epochs cannot hold the GPU queue forever.
+    :param tuned_by: the task id of a tuning step (``PickBestTrialOperator``) whose best settings
+        to train with, under ``hyperparameters`` and ``model_kind``; an empty override ('') is unset.
     """
 
     template_fields: Sequence[str] = (
@@ -54,9 +56,11 @@ class TrainModelOperator(ShardlineOperator):
         force: bool | str = False,
         queue: str | None = None,
         epoch_timeout: str = DEFAULT_EPOCH_TIMEOUT,
+        tuned_by: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(queue=queue or gpu_queue(), **kwargs)
+        self.tuned_by = tuned_by
         self.derives_execution_timeout = self.execution_timeout is None
         self.hyperparameters = hyperparameters or {}
         self.model_kind = model_kind
@@ -83,14 +87,20 @@ class TrainModelOperator(ShardlineOperator):
 
         spec = self.load_spec()
         layout = self.layout(context, spec)
+        tuned = (context["ti"].xcom_pull(task_ids=self.tuned_by) if self.tuned_by else None) or {}
+        if tuned.get("tuned"):
+            self.log.info("Training with trial %d's settings %s (study %s), under the run's own %s",
+                          tuned["best_trial"], tuned["best_settings"], tuned["study_name"], self.explicit)
         args = TrainArgs(
             spec=spec,
             shards_manifest_uri=join(layout.shards, "manifest.json"),
             state_uri=join(layout.preprocessing, "state.json"),
             output_uri=join(layout.run_dir, "train"),
-            hyperparameters=self.hyperparameters,
+            hyperparameters=self.explicit,
             model_kind=self.model_kind,
             force=str(self.force).lower() in ("true", "1", "yes"),
+            tuned_settings=tuned.get("best_settings", {}),
+            reuse_uri=tuned.get("best_trial_uri", ""),
         )
         with self.failing_fast():
             result = train_model(args)
@@ -98,4 +108,12 @@ class TrainModelOperator(ShardlineOperator):
             "Trained %s for %d epochs (best %d): %s -> %s",
             result.model_kind, result.epochs_run, result.best_epoch, result.metrics, result.model_uri,
         )
+        if tuned.get("tuned"):
+            return self.finish(context, result, model=result.model_uri, tuned_settings=tuned["best_settings"],
+                               study=tuned["study_name"], trial=tuned["best_trial"])
         return self.finish(context, result, model=result.model_uri)
+
+    @property
+    def explicit(self) -> dict[str, Any]:
+        """The overrides the run sets: an empty Param ('' or None) leaves the setting to the spec or the search."""
+        return {name: value for name, value in self.hyperparameters.items() if value not in ("", None)}

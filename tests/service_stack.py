@@ -1,15 +1,18 @@
 """The service topology of ``docker-compose.yaml``, started from processes on this machine.
 
 PostgreSQL and Redis from Debian's packages, then Airflow's ``api-server``,
-``scheduler``, ``dag-processor``, ``triggerer`` and two ``celery worker``\\ s: one for
-the default queue and one for the ``gpu`` queue (concurrency 1), with the
+``scheduler``, ``dag-processor``, ``triggerer`` and three ``celery worker``\\ s: one for
+the default queue and two for the ``gpu`` queue (concurrency 1 each, as
+``docker compose up --scale airflow-worker-gpu=2`` runs them), with the
 CeleryExecutor, one shared JWT secret, the FAB auth manager with an admin, an
 operator (FAB's ``Op`` role) and a viewer (``Viewer``), everything on 127.0.0.1 on
 free ports and every file in one temporary directory. Each Celery worker runs in a UTS namespace
 of its own with its own host name, as it would in its own container, so the API
 tells which worker ran a task. Until the S3 backend lands, the object store is a
 local directory (all processes share this machine). Runs may fetch from the store and
-from ``<root>/landing`` ([shardline] allowed_source_prefixes).
+from ``<root>/landing`` ([shardline] allowed_source_prefixes). Hyperparameter studies
+live in a database of their own on the same PostgreSQL (``shardline_tuning``), reached
+through the Airflow connection ``shardline_tuning``.
 
 :class:`ServiceStack` starts it and stops every process it started, by process
 group id, whatever happens. To look around by hand::
@@ -46,6 +49,8 @@ DEFAULT_QUEUE = "default"
 GPU_QUEUE = "gpu"
 CPU_WORKER_HOST = "shardline-cpu-worker"
 GPU_WORKER_HOST = "shardline-gpu-worker"
+GPU_WORKER_HOSTS = (GPU_WORKER_HOST, "shardline-gpu-worker-2")
+TUNING_DATABASE = "shardline_tuning"
 
 #: Debian packages the stack (and its browser test) needs: package -> a file it installs.
 DEBIAN_PACKAGES = {
@@ -122,6 +127,8 @@ class ServiceStack:
             "AIRFLOW__SHARDLINE__GPU_QUEUE": GPU_QUEUE,
             "AIRFLOW__SHARDLINE__STORE_URI": self.store_uri,
             "AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES": str(self.landing),
+            "AIRFLOW__SHARDLINE__TUNING_CONN_ID": TUNING_DATABASE,
+            f"AIRFLOW_CONN_{TUNING_DATABASE.upper()}": self.tuning_url.replace("postgresql+psycopg2", "postgresql"),
             "AIRFLOW__LOGGING__TRIGGERER_LOG_SERVER_PORT": str(self.triggerer_log_port),
             # Active at once, and no daily run of its own: the runs are the ones the tests start.
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
@@ -130,6 +137,11 @@ class ServiceStack:
             "TF_CPP_MIN_LOG_LEVEL": "2",
             **self.extra_env,
         }
+
+    @property
+    def tuning_url(self) -> str:
+        """The study database (Optuna's RDB storage), as SQLAlchemy takes it."""
+        return f"postgresql+psycopg2://airflow@127.0.0.1:{self.postgres_port}/{TUNING_DATABASE}"
 
     # -- starting and stopping ----------------------------------------------------------------
     def start(self) -> ServiceStack:
@@ -155,10 +167,11 @@ class ServiceStack:
         self._start("dag-processor", [AIRFLOW, "dag-processor"])
         self._start("triggerer", [AIRFLOW, "triggerer"])
         self._start_worker("cpu-worker", CPU_WORKER_HOST, DEFAULT_QUEUE, concurrency=2)
-        self._start_worker("gpu-worker", GPU_WORKER_HOST, GPU_QUEUE, concurrency=1)
+        self._start_worker("gpu-worker", GPU_WORKER_HOSTS[0], GPU_QUEUE, concurrency=1)
+        self._start_worker("gpu-worker-2", GPU_WORKER_HOSTS[1], GPU_QUEUE, concurrency=1)
         wait_for(self._healthy, 300, f"the api-server at {self.url} to report every component healthy (logs in "
                  f"{self.logs})", interval_s=2)
-        for name in ("cpu-worker", "gpu-worker"):
+        for name in ("cpu-worker", "gpu-worker", "gpu-worker-2"):
             wait_for(lambda name=name: "ready." in self.log(name), 180, f"the Celery {name} (log {self.logs})", 2)
         self._add_users()
         return self
@@ -236,6 +249,7 @@ class ServiceStack:
         connection.autocommit = True
         with contextlib.closing(connection), connection.cursor() as cursor:
             cursor.execute("CREATE DATABASE airflow")
+            cursor.execute(f"CREATE DATABASE {TUNING_DATABASE}")
         return True
 
     def _redis_ping(self) -> bool:

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import ROOT
 
-JOBS = ["fetch", "validate", "statistics", "shard", "adapt", "train", "evaluate", "export", "promote", "rollback", "score",
-        "predict", "report"]
+JOBS = ["fetch", "validate", "statistics", "shard", "adapt", "tune", "train", "evaluate", "export", "promote",
+        "rollback", "score", "predict", "report"]
 
 
 def top_level_imports(path):
@@ -103,3 +103,11 @@ def test_model_kinds_described_for_the_form_match_the_builders():
     from tfjobs.modeling import models
 
     assert set(models.MODEL_KINDS) == set(choices.MODEL_KINDS)
+
+
+def test_model_options_a_search_may_set_match_what_the_builders_read():
+    from tfjobs import choices
+    from tfjobs.modeling import models
+
+    read = {option for kind in models.MODEL_KINDS.values() for option in kind.options}
+    assert read == set(choices.MODEL_OPTIONS)

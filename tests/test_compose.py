@@ -183,3 +183,18 @@ def test_the_allowed_source_prefixes_come_from_env(compose, tmp_path):
     assert completed.returncode == 0, completed.stderr
     workers = yaml.safe_load(completed.stdout)["services"]
     assert workers["airflow-worker"]["environment"]["AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES"] in ("", None)
+
+
+def test_studies_of_the_trial_runners_live_in_their_own_postgres_database(compose):
+    config, env = compose
+    services = config["services"]
+    for name in ("airflow-worker-gpu", "airflow-worker"):
+        airflow_env = services[name]["environment"]
+        assert airflow_env["AIRFLOW__SHARDLINE__TUNING_CONN_ID"] == "shardline_tuning"
+        assert airflow_env["AIRFLOW_CONN_SHARDLINE_TUNING"] == (
+            f"postgresql://airflow:{env['POSTGRES_PASSWORD']}@postgres:5432/shardline_tuning")
+    volumes = [v if isinstance(v, str) else f"{v['source']}:{v['target']}{':ro' if v.get('read_only') else ''}"
+               for v in services["postgres"]["volumes"]]
+    assert f"{ROOT / 'include' / 'docker' / 'postgres-init'}:/docker-entrypoint-initdb.d:ro" in volumes
+    assert "CREATE DATABASE shardline_tuning;" in (ROOT / "include" / "docker" / "postgres-init" /
+                                                   "10-shardline-tuning.sql").read_text()

@@ -65,20 +65,23 @@ def test_housing_dag_trigger_form_picks_model_loss_loop_and_landing_prefix():
     from tfjobs import choices
 
     dag = DagBag(dag_folder=str(ROOT / "dags" / "housing.py")).dags["housing"]
-    assert [t.task_id for t in dag.topological_sort()] == TRAINING_TASKS
+    tasks = TRAINING_TASKS.copy()
+    tasks[tasks.index("train"):tasks.index("train")] = ["tune_plan", "tune", "tune_best"]
+    assert [t.task_id for t in dag.topological_sort()] == tasks
     params = dag.params
     model = params.get_param("model").schema
-    assert model["enum"] == sorted(choices.MODEL_KINDS) and set(model["values_display"]) == set(model["enum"])
-    assert params.get_param("loss").schema["enum"] == ["mse", "huber"]
+    # A DAG that can tune offers empty (None: the spec's or the tuned value) besides each choice.
+    assert model["enum"] == [None, *sorted(choices.MODEL_KINDS)] and set(model["values_display"]) == set(model["enum"])
+    assert params.get_param("loss").schema["enum"] == [None, "mse", "huber"]
     assert "threshold" in params.get_param("loss").schema["values_display"]["huber"]
-    assert params.get_param("loop").schema["enum"] == ["custom", "fit"]
+    assert params.get_param("loop").schema["enum"] == [None, "custom", "fit"]
     from airflow.sdk.exceptions import ParamValidationError
 
     with pytest.raises(ParamValidationError, match="crossentropy"):
         params.get_param("loss").resolve("crossentropy")  # not a regression loss
     assert "{partition}" in params.get_param("source_uri").description
     train, fetch = dag.get_task("train"), dag.get_task("fetch")
-    assert train.hyperparameters["loss"] == "{{ params.loss }}" and train.hyperparameters["loop"] == "{{ params.loop }}"
+    assert train.hyperparameters["loss"] == "{{ params.loss or '' }}" and train.tuned_by == "tune_best"
     assert fetch.source_uri == "{{ params.source_uri or '' }}"
 
 
@@ -119,3 +122,31 @@ def test_the_image_dags_run_the_same_pipeline_and_the_folder_dag_asks_for_a_fold
     assert [t.task_id for t in dag.topological_sort()] == TRAINING_TASKS
     source = dag.params.get_param("source_uri").schema
     assert source["title"] == ("Source folder" if dag_id == "digits" else "Source CSV")
+
+
+def test_housing_tunes_when_the_run_asks_with_runners_mapped_on_the_gpu_queue():
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "housing.py")).dags["housing"]
+    params = dag.params
+    assert params["tuning"] is False  # the daily run does not tune
+    assert params.get_param("tuning_trials").resolve(None) is None and params.get_param("tuning_trials").resolve(12)
+    with pytest.raises(ParamValidationError):
+        params.get_param("tuning_parallel").resolve(0)
+    # Training Params start empty: the spec's value, or the tuned one; what a person types wins.
+    for name in ("epochs", "batch_size", "learning_rate", "model", "loss"):
+        assert params[name] is None and "Empty: the spec's" in params.get_param(name).description, name
+    assert "tuned value when tuning" in params.get_param("learning_rate").description
+    assert "tuned" not in params.get_param("epochs").description  # not searched
+    runners, best = dag.get_task("tune"), dag.get_task("tune_best")
+    assert runners.queue == "gpu" and runners.retry_delay.total_seconds() == 30
+    assert [t.task_id for t in runners.upstream_list] == ["tune_plan"] and best.trigger_rule == "none_failed"
+    assert dag.get_task("tune_plan").enabled == "{{ params.tuning }}"
+
+
+def test_penguins_has_no_tuning_steps_and_keeps_its_filled_in_form():
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "penguins.py")).dags["penguins"]
+    assert "tuning" not in dag.params and dag.params["epochs"] == 60 and dag.get_task("train").tuned_by is None

@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 import urllib.parse
@@ -22,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import HOUSING_CSV, ROOT
 from processes import wait_for
-from service_stack import ADMIN, CPU_WORKER_HOST, GPU_QUEUE, GPU_WORKER_HOST, OPERATOR, VIEWER, ServiceStack
+from service_stack import (ADMIN, CPU_WORKER_HOST, GPU_QUEUE, GPU_WORKER_HOSTS, OPERATOR, TUNING_DATABASE, VIEWER,
+                           ServiceStack)
 from tfjobs.export import published_versions
 from tfjobs.storage.store import read_json
 
@@ -81,24 +83,24 @@ def trigger_request(api, **changes) -> dict:
             "data_interval_end": None, "partition_key": None}
 
 
-def finished_run(api, run_id: str, timeout_s: float = RUN_TIMEOUT_S) -> dict:
+def finished_run(api, run_id: str, timeout_s: float = RUN_TIMEOUT_S, dag: str = DAG) -> dict:
     """The run once it has finished; fails naming the task states if it did not succeed."""
     def run_if_finished():
-        run = api.get(f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}").json()
+        run = api.get(f"/dags/{dag}/dagRuns/{urllib.parse.quote(run_id, safe='')}").json()
         return run if run["state"] in ("success", "failed") else None
 
     run = wait_for(run_if_finished, timeout_s, f"run {run_id}", interval_s=3)
-    assert run["state"] == "success", {t: ti["state"] for t, ti in task_instances(api, run_id).items()}
+    assert run["state"] == "success", {t: ti["state"] for t, ti in task_instances(api, run_id, dag).items()}
     return run
 
 
-def task_instances(api, run_id: str) -> dict[str, dict]:
-    response = api.get(f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances")
+def task_instances(api, run_id: str, dag: str = DAG) -> dict[str, dict]:
+    response = api.get(f"/dags/{dag}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances")
     return {ti["task_id"]: ti for ti in response.json()["task_instances"]}
 
 
-def task_result(api, run_id: str, task_id: str) -> dict:
-    path = f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/{task_id}/xcomEntries/return_value"
+def task_result(api, run_id: str, task_id: str, dag: str = DAG) -> dict:
+    path = f"/dags/{dag}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/{task_id}/xcomEntries/return_value"
     return api.get(path).json()["value"]
 
 
@@ -164,7 +166,7 @@ def test_rest_api_trigger_routes_training_to_the_gpu_worker_and_applies_the_para
     assert run["conf"]["epochs"] == 6 and run["triggering_user_name"] == OPERATOR
 
     tis = task_instances(api, run["dag_run_id"])
-    assert (tis["train"]["queue"], tis["train"]["hostname"]) == (GPU_QUEUE, GPU_WORKER_HOST)
+    assert tis["train"]["queue"] == GPU_QUEUE and tis["train"]["hostname"] in GPU_WORKER_HOSTS
     for task_id, ti in tis.items():
         if task_id != "train":
             assert (ti["queue"], ti["hostname"]) == ("default", CPU_WORKER_HOST), task_id
@@ -266,3 +268,78 @@ def test_ui_trigger_form_starts_a_run_that_succeeds(stack, api):
     assert run["conf"]["epochs"] == 5 and run["triggering_user_name"] == ADMIN
     assert task_instances(api, run_id)["train"]["rendered_fields"]["hyperparameters"]["epochs"] == "5"
     assert screenshot.stat().st_size > 10_000
+
+
+def test_tuning_runs_trial_runners_at_once_on_the_gpu_workers_and_survives_a_killed_runner(stack, api):
+    """Housing with tuning on: two mapped runners share one study in the stack's PostgreSQL.
+
+    Once each runner has a trial in training and one trial is complete, one runner's process
+    is killed (SIGKILL, as a lost machine would leave it). Its task is retried; its trial goes
+    stale, is queued again and run once; every completed trial stays as it was.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    dag = "housing"
+    storage = optuna.storages.RDBStorage(stack.tuning_url)  # one connection pool for the polls below
+    params = api.get(f"/dags/{dag}/details").json()["params"]
+    conf = {name: param["value"] for name, param in params.items()}
+    conf.update(source_uri=str(HOUSING_CSV), tuning=True, tuning_trials=6, tuning_parallel=2, epochs=4)
+    response = api.post(f"/dags/{dag}/dagRuns", json={
+        "conf": conf, "logical_date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "data_interval_start": None, "data_interval_end": None, "partition_key": None,
+    })
+    assert response.status_code == 200, response.text
+    run_id = response.json()["dag_run_id"]
+
+    def study():
+        names = optuna.study.get_all_study_names(storage)
+        return optuna.load_study(study_name=names[0], storage=storage) if names else None
+
+    def both_runners_training():
+        current = study()
+        trials = current.get_trials() if current else []
+        running = {t.user_attrs.get("runner"): t for t in trials if t.state == TrialState.RUNNING}
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if complete and set(running) == {0, 1} and running[1].intermediate_values:
+            return trials, running[1]
+        return None
+
+    trials, victim = wait_for(both_runners_training, 900, "both runners training, after a completed trial", 1)
+    completed = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)  # runner 1's task process, mid-trial
+    finished_run(api, run_id, timeout_s=1500, dag=dag)
+
+    # The runners ran at once, each on a GPU worker of its own; the killed one's retry finished the job.
+    quoted = urllib.parse.quote(run_id, safe="")
+    tries = {i: api.get(f"/dags/{dag}/dagRuns/{quoted}/taskInstances/tune/{i}/tries").json()["task_instances"]
+             for i in (0, 1)}
+    assert [t["state"] for t in tries[1]] == ["failed", "success"], tries[1]
+    assert all(t["queue"] == GPU_QUEUE and t["hostname"] in GPU_WORKER_HOSTS for ts in tries.values() for t in ts)
+    first, other = tries[1][0], tries[0][-1]
+    assert first["start_date"] < other["end_date"] and other["start_date"] < first["end_date"]  # overlapping
+    assert first["hostname"] != other["hostname"]
+
+    # The study: nothing completed lost or changed; the killed trial run again, once; the budget met.
+    trials = study().get_trials()
+    by_number = {t.number: t for t in trials}
+    assert {n: by_number[n].value for n in completed} == completed
+    assert by_number[victim.number].state == TrialState.FAIL and "error" not in by_number[victim.number].user_attrs
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert len(retries) == 1 and retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert retries[0].params == victim.params
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) >= 6 and len({t.number for t in finished}) == len(finished)
+
+    best = task_result(api, run_id, "tune_best", dag)
+    assert best["tuned"] and best["storage"] == f"connection {TUNING_DATABASE}"
+    assert best["best_trial"] in {t.number for t in finished if t.state == TrialState.COMPLETE}
+    trained = task_result(api, run_id, "train", dag)
+    assert read_json(trained["summary_uri"])["tuned_settings"] == best["best_settings"]
+    record = {"tries": {i: [(t["hostname"], t["start_date"], t["end_date"], t["state"]) for t in ts]
+                        for i, ts in tries.items()},
+              "killed_trial": victim.number, "retried_as": retries[0].number,
+              "trials": [(t.number, t.state.name, t.value, t.user_attrs.get("runner"), t.user_attrs.get("attempt"))
+                         for t in trials]}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "service_tuning.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

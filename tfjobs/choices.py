@@ -28,6 +28,16 @@ TASK_LOSSES: dict[str, tuple[str, ...]] = {
     "regression": ("mse", "huber"),
 }
 
+#: The options of a spec's ``model:`` block that model kinds read, and their types (a hyperparameter
+#: search samples them as such); :func:`tfjobs.modeling.models.register_model` names the same ones.
+MODEL_OPTIONS: dict[str, str] = {
+    "repeats": "int",  # residual: times the residual block is applied
+    "noise_stddev": "float",  # residual, reconstruction: input noise while training
+    "reconstruction_weight": "float",  # reconstruction: weight of the reconstruction error in the loss
+    "wide_penalty": "float",  # wide_deep: GroupLasso factor of the wide part
+    "max_norm": "float",  # wide_deep: cap on each deep unit's weight norm
+}
+
 TRAINING_LOOPS: dict[str, str] = {
     "fit": "Keras fit(): one Adam optimizer for every weight",
     "custom": "Shardline's GradientTape loop (tfjobs.modeling.custom_loop): same loss, metrics and callbacks as fit(); "

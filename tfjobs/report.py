@@ -18,6 +18,7 @@ from tfjobs.storage.layout import Layout
 from tfjobs.run_report import REPORT_FILE
 from tfjobs.spec import load_spec
 from tfjobs.storage.store import join, read_json_if_exists, store_for
+from tfjobs.tune import tuning_lines
 
 
 def _newest_child(prefix: str) -> str | None:
@@ -69,6 +70,7 @@ def summarize(spec_path: str, store_uri: str, partition: str = "", run: str = ""
         line("model", join(train_dir, training["model_file"]),
              f"{training['model_kind']}, {training['epochs_run']} epochs (best {training['best_epoch']})")
         line("curves", join(train_dir, "training_curve.png"), f"tensorboard --logdir {join(train_dir, 'tensorboard')}")
+    lines += tuning_lines(layout.run_dir)
     evaluation = read_json_if_exists(join(layout.run_dir, "evaluate", "metrics.json"))
     if evaluation:
         metrics = ", ".join(f"{k} {v:.4f}" for k, v in evaluation["metrics"].items() if isinstance(v, float))

@@ -29,7 +29,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -252,6 +252,7 @@ class PipelineSpec:
     drift: DriftSpec = DriftSpec()
     serving: ServingSpec = ServingSpec()
     scoring: ScoringSpec = ScoringSpec()
+    tuning: TuningSpec | None = None  # the hyperparameter search (tfjobs.tune); None: the spec does not tune
 
     @property
     def model_name(self) -> str:
@@ -284,12 +285,31 @@ class PipelineSpec:
                for name, value in fields.items()},
             "features": {f.name: f.to_dict() for f in self.features},
             "crosses": [cross.model_dump() for cross in self.crosses],
+            "tuning": self.tuning.model_dump() if self.tuning else None,
         }
 
     def fingerprint(self) -> str:
-        """A stable hash of everything the spec says, for up-to-date checks."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, default=list)
+        """A stable hash of everything the spec says, for up-to-date checks.
+
+        The ``tuning`` block is left out: it says how to search for settings, not what any
+        step computes (a trial's settings are applied to the spec itself, :meth:`with_settings`).
+        """
+        described = {name: value for name, value in self.to_dict().items() if name != "tuning"}
+        canonical = json.dumps(described, sort_keys=True, default=list)
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def with_settings(self, settings: dict[str, Any] | None) -> PipelineSpec:
+        """A copy with ``settings`` applied: ``{"training.learning_rate": 0.01, "model.kind": "mlp", ...}``.
+
+        Names are the tunable settings (:func:`tunable_settings`); each value is cast and
+        checked as the spec's own would be, and an error names the setting.
+        """
+        if not settings:
+            return self
+        spec, types = self, tunable_settings(self)
+        for name, value in settings.items():
+            spec = _with_setting(spec, name, value, setting_type(types, name))
+        return spec
 
 
 def load_spec(path: str | Path) -> PipelineSpec:
@@ -381,6 +401,8 @@ def parse_spec(raw: Any) -> PipelineSpec:
     )
     if label.name in spec.scoring.key:
         raise SpecError(f"scoring.key names the label {label.name!r}: a delivery to score has no label")
+    if raw.get("tuning") is not None:
+        spec = dataclasses.replace(spec, tuning=_parse_tuning(raw["tuning"], spec))
     known = {f.name for f in dataclasses.fields(PipelineSpec)}
     unknown = set(raw) - known
     if unknown:
@@ -437,6 +459,219 @@ def _parse_label(raw: dict) -> LabelSpec:
         raise SpecError(f"label.scaling {label.scaling!r} is not one of {LABEL_SCALINGS}")
     return label
 
+# -- tuning: the search space of a hyperparameter search (tfjobs.tune) ----------------------------------
+
+#: Training settings a search may vary. Not epochs (a trial trains ``tuning.epochs``), nor the
+#: seed, shuffle buffer or XLA switch: they change what a trial costs or draws, not the model.
+TUNABLE_TRAINING = ("learning_rate", "batch_size", "loss", "huber_delta", "loop", "wide_learning_rate",
+                    "early_stopping_patience")
+#: Feature options that only the model reads (adapt computes nothing from them), so a trial can
+#: change them on the adapted state; options such as ``min_frequency`` would need another adapt.
+TUNABLE_FEATURE_OPTIONS = ("embedding_dim",)
+#: The eval-split metrics an objective can name, per task, and which direction is better.
+OBJECTIVE_METRICS: dict[str, dict[str, str]] = {
+    "regression": {"rmse": "minimize", "huber": "minimize", "loss": "minimize"},
+    "classification": {"accuracy": "maximize", "loss": "minimize"},
+}
+SEARCH_ALGORITHMS = {
+    "random": "independent random draws from the space",
+    "tpe": "Tree-structured Parzen Estimator (Bayesian): draws near the settings that did well so far",
+}
+PRUNERS = {
+    "none": "every trial trains all its epochs",
+    "median": "stop a trial whose eval metric after an epoch is worse than the median of earlier trials there",
+    "hyperband": "Hyperband (successive halving in brackets): stop the worse trials at growing epoch budgets",
+}
+
+
+class SearchRange(pydantic.BaseModel):
+    """One setting's range: ``{low, high}`` (``log: true`` draws on a log scale, ``step`` on a grid),
+    or ``{choices: [...]}``. Integer settings draw whole numbers."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    low: int | float | None = pydantic.Field(None, description="the smallest value to try")
+    high: int | float | None = pydantic.Field(None, description="the largest value to try")
+    log: bool = pydantic.Field(False, description="draw on a log scale (a positive low)")
+    step: int | float | None = pydantic.Field(None, gt=0, description="draw multiples of step above low")
+    choices: list[Any] | None = pydantic.Field(None, description="the values to choose from")
+
+    @pydantic.field_validator("choices")
+    @classmethod
+    def _not_empty(cls, choices):
+        if choices is not None and not choices:
+            raise ValueError("must list at least one value")
+        return choices
+
+    @pydantic.model_validator(mode="after")
+    def _range_or_choices(self):
+        if self.choices is not None:
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("give either low and high, or choices, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("needs low and high, or choices")
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} is above its high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log: true needs a positive low, got {self.low}")
+        if self.log and self.step is not None:
+            raise ValueError("log and step do not go together")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        """The values that bound what a trial may get: every choice, or both ends of the range."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+class Objective(pydantic.BaseModel):
+    """What a search optimizes: an eval-split metric of the training history, and its direction."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    metric: str = pydantic.Field("loss", description="an eval-split metric: rmse, huber, accuracy or loss")
+    direction: Literal["minimize", "maximize"] | None = pydantic.Field(
+        None, description="empty: the metric's own (minimize an error, maximize accuracy)")
+
+
+class TuningSpec(pydantic.BaseModel):
+    """A hyperparameter search: which settings vary over which ranges, the objective, and the budget.
+
+    Setting names are the spec's own paths: ``training.learning_rate``, ``model.kind``,
+    ``model.hidden_units``, ``model.<option>``, ``features.<name>.embedding_dim``.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    space: dict[str, SearchRange] = pydantic.Field(
+        min_length=1, description="setting name -> range or choices, e.g. training.learning_rate: {low: 1e-4, "
+        "high: 1e-2, log: true}")
+    objective: Objective = pydantic.Field(Objective(), description="the eval-split metric to optimize")
+    trials: int = pydantic.Field(20, ge=1, le=10_000, description="trials in the study, all runners together")
+    parallel: int = pydantic.Field(2, ge=1, le=256, description="trial runners at once (mapped tasks)")
+    algorithm: Literal["random", "tpe"] = pydantic.Field("tpe", description="how the next trial's settings are drawn")
+    pruner: Literal["none", "median", "hyperband"] = pydantic.Field(
+        "none", description="early stopping of bad trials after each epoch")
+    epochs: int = pydantic.Field(2, ge=1, le=10_000, description="epochs one trial trains (the cheap budget)")
+    seed: int | None = pydantic.Field(None, description="the sampler's seed; empty: training.seed")
+
+    def direction(self, task: str) -> str:
+        return self.objective.direction or OBJECTIVE_METRICS[task][self.objective.metric]
+
+    def check(self, spec: PipelineSpec) -> None:
+        """Every setting exists and every value its range allows fits the spec; the objective fits the task."""
+        types = tunable_settings(spec)
+        for name, search in self.space.items():
+            where = f"space.{name}"
+            kind = setting_type(types, name, where)
+            if search.choices is None and kind not in ("int", "float"):
+                raise SpecError(f"tuning.{where}: {name} is a {kind} setting: give choices, not low and high")
+            if search.choices is None and kind == "int" and not all(
+                    isinstance(v, int) for v in (search.low, search.high, search.step or 1)):
+                raise SpecError(f"tuning.{where}: {name} takes whole numbers; low, high and step must be integers")
+            for value in search.values_to_check():
+                try:
+                    _with_setting(spec, name, value, kind)
+                except SpecError as err:
+                    raise SpecError(f"tuning.{where}: {err}") from None
+        metrics = OBJECTIVE_METRICS[spec.label.task]
+        if self.objective.metric not in metrics:
+            raise SpecError(f"tuning.objective.metric {self.objective.metric!r} is not an eval metric of a "
+                            f"{spec.label.task} task; choose one of {sorted(metrics)}")
+        if self.objective.metric == "loss" and "training.loss" in self.space:
+            raise SpecError("tuning.objective.metric 'loss' compares different losses when training.loss is searched: "
+                            f"optimize one of {sorted(set(metrics) - {'loss'})}")
+
+
+def tunable_settings(spec: PipelineSpec) -> dict[str, str]:
+    """Every setting a search (or a fixed override) may set, with its type: int, float, str or units."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(TrainingSpec)}
+    settings = {f"training.{name}": types[name] for name in TUNABLE_TRAINING}
+    settings.update({"model.kind": "str", "model.hidden_units": "units", "model.dropout": "float"})
+    settings.update({f"model.{name}": kind for name, kind in choices.MODEL_OPTIONS.items()})
+    for feature in spec.features:
+        declared = feature.to_dict()
+        for option in TUNABLE_FEATURE_OPTIONS:
+            info = type(feature.options).model_fields.get(option)
+            # Only where the feature uses the option as declared (an embedding's width, not a one-hot's).
+            if info is not None and _parses(feature.name, {**declared, option: declared[option]}):
+                settings[f"features.{feature.name}.{option}"] = getattr(info.annotation, "__name__", "str")
+    return settings
+
+
+def _parses(name: str, raw: dict) -> bool:
+    try:
+        _parse_feature(name, raw)
+    except SpecError:
+        return False
+    return True
+
+
+def setting_type(types: dict[str, str], name: str, where: str = "") -> str:
+    """The type of a setting among ``types`` (:func:`tunable_settings`); an unknown name is an error listing them."""
+    if name not in types:
+        raise SpecError(f"tuning.{where or name}: unknown setting {name!r}; known settings: {sorted(types)}")
+    return types[name]
+
+
+def _with_setting(spec: PipelineSpec, name: str, value: Any, kind: str) -> PipelineSpec:
+    section, _, key = name.partition(".")
+    try:
+        if kind == "int" and (isinstance(value, bool) or float(value) != int(float(value))):
+            raise ValueError
+        value = {"int": lambda v: int(float(v)), "float": float, "str": str, "units": _units}[kind](value)
+    except (TypeError, ValueError):
+        raise SpecError(f"{name} must be {'a list of positive integers' if kind == 'units' else kind}, "
+                        f"got {value!r}") from None
+    # Rates, sizes and counts are positive; a model's dropout, noise or penalty may be zero.
+    if kind in ("int", "float") and not (value >= 0 if section == "model" else value > 0):
+        raise SpecError(f"{name} must be {'at least 0' if section == 'model' else 'positive'}, got {value!r}")
+    if section == "training":
+        training = spec.training.with_overrides({key: value})
+        training.loss_for(spec.label.task)
+        return dataclasses.replace(spec, training=training)
+    if section == "model":
+        if key == "kind" and value not in choices.MODEL_KINDS:
+            raise SpecError(f"model.kind {value!r} is not one of {sorted(choices.MODEL_KINDS)}")
+        if key == "dropout" and not value < 1:
+            raise SpecError(f"model.dropout must be below 1, got {value!r}")
+        if key in ("kind", "hidden_units", "dropout"):
+            return dataclasses.replace(spec, model=dataclasses.replace(spec.model, **{key: value}))
+        return dataclasses.replace(spec, model=dataclasses.replace(spec.model, options={**spec.model.options,
+                                                                                         key: value}))
+    feature_name, _, option = key.partition(".")
+    feature = _parse_feature(feature_name, {**spec.feature(feature_name).to_dict(), option: value})
+    return dataclasses.replace(spec, features=tuple(feature if f.name == feature_name else f for f in spec.features))
+
+
+def _units(value: Any) -> tuple[int, ...]:
+    units = tuple(int(u) for u in value)
+    if not units or min(units) < 1 or any(isinstance(u, bool) or int(u) != u for u in value):
+        raise ValueError
+    return units
+
+
+def tuned_state(state: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """An adapted ``state.json`` with the feature options among ``settings`` applied (what a trial trains with)."""
+    state = json.loads(json.dumps(state))
+    for name, value in settings.items():
+        section, _, rest = name.partition(".")
+        if section == "features":
+            feature, _, option = rest.partition(".")
+            state["features"][feature].setdefault("options", {})[option] = value
+    return state
+
+
+def _parse_tuning(raw: Any, spec: PipelineSpec) -> TuningSpec:
+    try:
+        tuning = TuningSpec.model_validate(raw)
+    except pydantic.ValidationError as err:
+        raise SpecError("; ".join(
+            f"tuning.{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+            if e["loc"] else f"tuning: {e['msg'].removeprefix('Value error, ')}" for e in err.errors())) from None
+    tuning.check(spec)
+    return tuning
+
 
 def json_schema() -> dict[str, Any]:
     """A JSON Schema of a spec file (top level and every kind's feature options), for editors."""
@@ -452,6 +687,7 @@ def json_schema() -> dict[str, Any]:
             "label": {"type": "object", "properties": {"task": {"enum": list(TASKS)}}, "required": ["name", "task"]},
             "features": {"type": "object", "minProperties": 1, "additionalProperties": options_schema()},
             "crosses": {"type": "array", "items": Cross.model_json_schema()},
+            "tuning": TuningSpec.model_json_schema(),
         },
     }
 

@@ -23,6 +23,10 @@ JAX) rather than converting a tf.data batch on the host every step; under JAX it
 ``STACKED_STEPS`` steps per compiled call (:func:`tfjobs.modeling.in_memory.scan_stacked_steps`).
 A re-run with the same inputs and hyperparameters rewrites nothing unless ``force`` is set.
 
+Tuned settings (``tuned_settings``, from :mod:`tfjobs.tune`) are applied to the spec first, the
+explicit ``hyperparameters`` and ``model_kind`` over them. When ``reuse_uri`` names a trial's
+outputs trained on the same inputs with the same settings, they are copied instead of retraining.
+
 Beyond one machine: when ``TF_CONFIG`` describes a cluster of several tasks, the
 same command runs on every task under ``tf.distribute.MultiWorkerMirroredStrategy``
 (one process per machine or pod, each with the same arguments and its own
@@ -50,8 +54,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tfjobs import cli
-from tfjobs.spec import PipelineSpec, TrainingSpec, load_spec
-from tfjobs.storage.store import join, read_json_if_exists, staging_dir, store_for
+from tfjobs.spec import PipelineSpec, TrainingSpec, load_spec, tuned_state
+from tfjobs.storage.store import join, local_dir_copy, read_json_if_exists, staging_dir, store_for
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,12 @@ class TrainArgs:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     model_kind: str = ""
     force: bool = False
+    # Spec settings found by a search ({"training.learning_rate": 0.01, ...}), applied under the above.
+    tuned_settings: dict[str, Any] = field(default_factory=dict)
+    # An earlier training's outputs (a tuning trial's): taken as they are if trained on the same inputs and settings.
+    reuse_uri: str = ""
+    # Extra Keras callbacks (a tuning trial's report to its study); they do not change what is trained.
+    callbacks: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -129,18 +139,25 @@ class TrainResult:
 
 
 def train_model(args: TrainArgs) -> TrainResult:
-    spec = args.spec
+    spec = args.spec.with_settings(args.tuned_settings)
     settings = spec.training.with_overrides(args.hyperparameters)
     kind = args.model_kind or spec.model.kind
     for uri, step in ((args.shards_manifest_uri, "shard"), (args.state_uri, "adapt")):
         if not store_for(uri).exists(uri):
             raise FileNotFoundError(f"{uri} does not exist: run the {step} step first")
-    fingerprint = _fingerprint(args, settings, kind)
+    fingerprint = _fingerprint(args, spec, settings, kind)
     summary_uri = join(args.output_uri, SUMMARY_FILE)
     previous = read_json_if_exists(summary_uri)
     if previous and previous["fingerprint"] == fingerprint and not args.force:
         log.info("Model at %s was trained on the same inputs and settings; not retraining", args.output_uri)
         return _result(args.output_uri, previous, rewritten=False)
+    reusable = read_json_if_exists(join(args.reuse_uri, SUMMARY_FILE)) if args.reuse_uri else None
+    if reusable and reusable["fingerprint"] == fingerprint:
+        log.info("%s was trained on the same inputs with the same settings: copying it to %s",
+                 args.reuse_uri, args.output_uri)
+        with local_dir_copy(args.reuse_uri) as trained:
+            store_for(args.output_uri).publish_dir(trained, args.output_uri, last=[SUMMARY_FILE], staged=False)
+        return _result(args.output_uri, reusable, rewritten=True)
 
     task = cluster_task()
     publishes = task is None or task.is_chief
@@ -150,6 +167,9 @@ def train_model(args: TrainArgs) -> TrainResult:
     # The run keeps the state it trains with and the hash of the shards it reads: another run of the same
     # partition may rewrite both, and evaluate and export must pair these weights with these inputs.
     state_bytes = store_for(args.state_uri).read_bytes(args.state_uri)
+    if any(name.startswith("features.") for name in args.tuned_settings):
+        # The run keeps the state as trained: with the tuned feature options (embedding widths) in it.
+        state_bytes = json.dumps(tuned_state(json.loads(state_bytes), args.tuned_settings), indent=2).encode()
     inputs = {
         "shards_manifest": args.shards_manifest_uri,
         "shards_manifest_sha256": hashlib.sha256(store_for(args.shards_manifest_uri).read_bytes(
@@ -162,6 +182,7 @@ def train_model(args: TrainArgs) -> TrainResult:
         summary = _fit(spec, settings, kind, args, tmp, json.loads(state_bytes))
         summary["inputs"] = inputs
         summary["fingerprint"] = fingerprint
+        summary["tuned_settings"] = args.tuned_settings
         summary["cluster_task"] = task.name if task else None
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         if not publishes:
@@ -174,11 +195,11 @@ def train_model(args: TrainArgs) -> TrainResult:
     return _result(args.output_uri, summary, rewritten=True)
 
 
-def _fingerprint(args: TrainArgs, settings: TrainingSpec, kind: str) -> str:
+def _fingerprint(args: TrainArgs, spec: PipelineSpec, settings: TrainingSpec, kind: str) -> str:
     digest = hashlib.sha256()
     for uri in (args.shards_manifest_uri, args.state_uri):
         digest.update(store_for(uri).read_bytes(uri))
-    digest.update(json.dumps([args.spec.fingerprint(), settings.__dict__, kind], sort_keys=True).encode())
+    digest.update(json.dumps([spec.fingerprint(), settings.__dict__, kind], sort_keys=True).encode())
     return digest.hexdigest()
 
 
@@ -340,6 +361,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             ),
             keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard")),
             epoch_progress(settings.epochs),
+            *args.callbacks,
         ]
         (out_dir / "checkpoints").mkdir()
         log.info(
