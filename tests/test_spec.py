@@ -48,6 +48,13 @@ def test_errors_name_the_file_and_the_field(tmp_path):
         ({"training": {"huber_delta": 0}}, r"training\.huber_delta must be positive"),
         ({"training": {"jit_compile": "maybe"}}, r"training\.jit_compile 'maybe'"),
         ({"features": {"c": {"kind": "categorical", "min_frequency": 0}}}, r"features\.c\.min_frequency: Input should be greater than or equal to 1"),
+        ({"source": {"kind": "csv", "uri": "a", "header": False}}, r"header is false: name the file's columns"),
+        ({"source": {"kind": "csv", "uri": "a", "column_names": ["x"]}}, r"column_names names the columns of a file without a header"),
+        ({"source": {"kind": "csv", "uri": "a", "header": False, "column_names": ["x", "x"]}}, r"column_names must be distinct"),
+        ({"source": {"kind": "csv", "uri": "a", "delimiter": "\\t"}}, r"source\.delimiter must be one character"),
+        ({"source": {"kind": "csv", "uri": "a", "quoting": "all"}}, r"source\.quoting 'all' is not one of \['minimal', 'none'\]"),
+        ({"source": {"kind": "csv", "uri": "a", "encoding": "utf-9"}}, r"source\.encoding 'utf-9' is not an encoding"),
+        ({"source": {"kind": "palmerpenguins", "delimiter": "\t"}}, r"source\.delimiter describes a delivered file: it applies to kind csv or landing"),
     ],
 )
 def test_bad_specs_are_rejected_with_the_field_named(change, message):

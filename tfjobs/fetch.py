@@ -9,8 +9,11 @@ Sources (the spec's ``source.kind``):
 - ``landing``: one CSV per day under a prefix, as upstream systems deliver data
   (``<prefix>/<partition>.csv`` by default).
 
-The raw bytes are kept as delivered; the manifest records the row count, the
-SHA-256 and where they came from. A re-fetch that yields the same bytes rewrites
+The raw bytes are kept as delivered (a zip archive's ``source.archive_member``,
+when the file fetched is one); the manifest records the row count, the SHA-256
+and where they came from. Rows are counted as the spec's source lays them out
+(delimiter, quoting, header or ``column_names``, encoding: tab-separated files
+without a header come as they are). A re-fetch that yields the same bytes rewrites
 nothing.
 
 A landing delivery may be late. Until its deadline (``source.deadline`` after the
@@ -38,6 +41,7 @@ import os
 import shutil
 import time
 import urllib.error
+import zipfile
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -46,7 +50,7 @@ from pathlib import Path
 
 from tfjobs import cli
 from tfjobs.deadlines import parse_duration, partition_deadline, utc_now, utc_text
-from tfjobs.spec import PipelineSpec, SourceSpec, load_spec
+from tfjobs.spec import FILE_LAYOUT_FIELDS, PipelineSpec, SourceSpec, load_spec
 from tfjobs.storage.store import join, local_copy, read_json_if_exists, redact, sha256_file, staging_dir, store_for, write_json
 
 log = logging.getLogger(__name__)
@@ -132,13 +136,14 @@ def fetch_dataset(
             description = _fetch_delivery(source, partition, local, deadline, poke_interval, auth)
         else:
             description = _fetch_source(source, local, auth)
+        description = _unpack(source, local, description)
         digest = sha256_file(local)
         manifest_uri = join(output_uri, MANIFEST)
         previous = read_json_if_exists(manifest_uri)
         if previous and previous.get("sha256") == digest:
             log.info("Raw data for %s at %s is unchanged (sha256 %s); nothing rewritten", spec.name, output_uri, digest)
             return _result(output_uri, previous, rewritten=False)
-        rows, columns = _count_rows(local)
+        rows, columns = _count_rows(local, source)
         store = store_for(output_uri)
         store.delete(manifest_uri)
         store.upload(local, join(output_uri, DATA_FILE))
@@ -181,14 +186,16 @@ def fetch_when_delivered(
 def source_for(spec: PipelineSpec, source_uri: str = "") -> SourceSpec:
     """The source to fetch: the spec's, or ``source_uri`` (a landing pattern if it holds ``{partition}``).
 
-    A landing pattern given for the run keeps the spec's deadline and poke interval.
+    A source given for the run is laid out as the spec's (delimiter, header, encoding, ...: the
+    same data from elsewhere); a landing pattern keeps the spec's deadline and poke interval.
     """
     if not source_uri:
         return spec.source
+    layout = {name: getattr(spec.source, name) for name in FILE_LAYOUT_FIELDS}
     if "{partition}" in source_uri:
         return SourceSpec(kind="landing", pattern=source_uri, deadline=spec.source.deadline,
-                          poke_interval=spec.source.poke_interval)
-    return SourceSpec(kind="csv", uri=source_uri)
+                          poke_interval=spec.source.poke_interval, **layout)
+    return SourceSpec(kind="csv", uri=source_uri, **layout)
 
 
 def source_location(source: SourceSpec) -> str:
@@ -378,14 +385,31 @@ def _fetch_tfds(source: SourceSpec, target: Path) -> str:
     return f"tfds:{source.name}/{source.split}"
 
 
-def _count_rows(path: Path) -> tuple[int, list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
+def _unpack(source: SourceSpec, path: Path, description: str) -> str:
+    """Replace a zip archive at ``path`` by the source's ``archive_member`` in it; a plain file stays as it is."""
+    if not source.archive_member or not zipfile.is_zipfile(path):
+        return description
+    with zipfile.ZipFile(path) as archive:
+        if source.archive_member not in archive.namelist():
+            raise ValueError(f"{description} is a zip archive without {source.archive_member!r} "
+                             f"(source.archive_member); it holds {archive.namelist()}")
+        data = archive.read(source.archive_member)
+    path.write_bytes(data)
+    return f"{description}!{source.archive_member}"
+
+
+def _count_rows(path: Path, source: SourceSpec) -> tuple[int, list[str]]:
+    """Rows (blank lines are none, as for the validate step's reader) and the columns, as the source lays them out.
+
+    Bytes that do not decode are counted like any others: their row is the validate step's to quarantine.
+    """
+    with open(path, newline="", encoding=source.encoding, errors="surrogateescape") as f:
+        reader = csv.reader(f, **source.csv_dialect())
+        header = next(reader, None) if source.header else None
+        if source.header and header is None:
             raise ValueError(f"The fetched CSV is empty (no header row): {path.name}")
-        rows = sum(1 for _ in reader)
-    return rows, header
+        rows = sum(1 for row in reader if row)
+    return rows, source.columns_of(header)
 
 
 def _version(package: str) -> str:

@@ -1,7 +1,9 @@
 """Check raw rows against the spec; keep the good ones typed, quarantine the rest.
 
 Reads ``raw/<dataset>/<partition>/data.csv`` in chunks (memory does not grow with
-the file) and writes to ``validated/<dataset>/<partition>/``:
+the file), laid out as the spec's source says (delimiter, quoting, header or
+``column_names``, encoding: :func:`read_csv_arguments`), and writes to
+``validated/<dataset>/<partition>/``:
 
 - ``data.parquet``: the valid rows, each feature cleaned and typed by its kind
   (:mod:`tfjobs.features`: stripped of surrounding whitespace, NA tokens made the
@@ -10,7 +12,9 @@ the file) and writes to ``validated/<dataset>/<partition>/``:
 - ``report.json`` (written last): counts, reasons, missing values per column.
 
 A missing required column fails the step with an error that names the column.
-A row is quarantined when its label is missing or not a known class, when its
+A row is quarantined when a value's bytes are not valid in the source's encoding
+(they are read as surrogates, ``errors="surrogateescape"``, and written back to
+``quarantine.csv`` as delivered), when its label is missing or not a known class, when its
 feature's kind rejects a value (a number that does not parse, ...), or when a value
 is missing and the feature's policy is ``quarantine``. The served model cleans raw
 values with the same rules (the kinds' ``parse_text``/``clean_tensor``). No row is dropped silently: rows in = valid + quarantined.
@@ -25,13 +29,14 @@ import argparse
 import collections
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from tfjobs import cli
 from tfjobs.features.base import WHITESPACE
-from tfjobs.spec import PipelineSpec, load_spec
+from tfjobs.spec import PipelineSpec, SourceSpec, load_spec
 from tfjobs.storage.examples import arrow_type
 from tfjobs.storage.store import (
     join,
@@ -54,6 +59,8 @@ CHUNK_ROWS = 200_000
 ROW_GROUP_ROWS = 65_536
 LINE_COLUMN = "_line"
 REASON_COLUMN = "_reason"
+#: What bytes that do not decode become when read with errors="surrogateescape" (U+DC80-U+DCFF).
+UNDECODABLE = "[\udc80-\udcff]"
 
 
 class MissingColumnError(ValueError):
@@ -131,6 +138,24 @@ def arrow_schema(spec: PipelineSpec):
     return pa.schema([pa.field(c.name, arrow_type(c.dtype), nullable=False) for c in spec.record_columns()])
 
 
+def read_csv_arguments(source: SourceSpec) -> dict[str, Any]:
+    """``pandas.read_csv`` arguments for a file laid out as ``source`` says, every value as delivered text.
+
+    Values are Python strings (``object``), not Arrow's: a byte that does not decode is kept as a
+    surrogate (``surrogateescape``), which Arrow strings cannot hold, so that its row is quarantined
+    with the reason rather than the whole file failing.
+    """
+    return {
+        **source.csv_dialect(),
+        "header": 0 if source.header else None,
+        "names": list(source.column_names) or None,
+        "encoding": source.encoding,
+        "encoding_errors": "surrogateescape",
+        "dtype": object,
+        "keep_default_na": False,
+    }
+
+
 def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, source: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -140,15 +165,18 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
     missing: collections.Counter[str] = collections.Counter()
     rows_in = rows_valid = rows_quarantined = 0
     na_values = set(spec.na_values)
-    reader = pd.read_csv(raw_path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS)
-    with pq.ParquetWriter(data_path, schema) as writer, open(quarantine_path, "w", newline="") as quarantine:
+    reader = pd.read_csv(raw_path, chunksize=CHUNK_ROWS, **read_csv_arguments(spec.source))
+    first_line = 2 if spec.source.header else 1
+    # surrogateescape: quarantined values with bytes that did not decode are written back as delivered.
+    with pq.ParquetWriter(data_path, schema) as writer, open(quarantine_path, "w", newline="", encoding="utf-8",
+                                                             errors="surrogateescape") as quarantine:
         header_written = False
         for chunk in reader:
             if rows_in == 0:
                 columns = list(chunk.columns)
                 _check_columns(spec, columns, source)
                 extra = sorted(set(columns) - set(spec.columns))
-            chunk.index = np.arange(rows_in, rows_in + len(chunk)) + 2  # CSV line numbers (header is line 1)
+            chunk.index = np.arange(rows_in, rows_in + len(chunk)) + first_line  # CSV line numbers
             rows_in += len(chunk)
             typed, row_reasons, chunk_reasons, chunk_missing = _check_chunk(spec, chunk, na_values)
             reasons.update(chunk_reasons)
@@ -210,8 +238,15 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str]):
         previous = row_reasons[mask]
         row_reasons[mask] = previous.where(previous == "", previous + "; ") + text
 
+    # A value whose bytes did not decode quarantines its row; the kinds clean an empty value in its place.
+    texts = {}
+    for name in spec.columns:
+        undecodable = chunk[name].str.contains(UNDECODABLE, regex=True, na=False).to_numpy(bool)
+        reject(undecodable, f"{name}: {{value}} is not valid {spec.source.encoding}", chunk[name])
+        texts[name] = chunk[name].where(~undecodable, "").astype(str)
+
     for feature in spec.features:
-        raw = chunk[feature.name]
+        raw = texts[feature.name]
         cleaned = feature.clean(raw, na_values)
         missing[feature.name] = int(cleaned.missing.sum())
         if feature.missing == "quarantine":
@@ -221,7 +256,7 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str]):
         typed[feature.name] = cleaned.values
 
     label = spec.label
-    values = chunk[label.name].str.strip(WHITESPACE)
+    values = texts[label.name].str.strip(WHITESPACE)
     is_na = values.isin(na_values)
     missing[label.name] = int(is_na.sum())
     reject(is_na, f"{label.name}: missing label")
