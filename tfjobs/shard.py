@@ -1,5 +1,9 @@
 """Split validated rows and write them as GZIP TFRecord shards of ``tf.train.Example``.
 
+(Of ``tf.train.SequenceExample`` when a feature is stored as a document: a text feature with
+``storage: sequence_example``, see :mod:`tfjobs.storage.sequence_examples`. The manifest's
+``record_format`` says which; the readers parse accordingly.)
+
 Reads ``validated/<dataset>/<partition>/data.parquet`` in record batches (memory
 stays flat however many rows there are; several processes take a run of row
 groups each) and writes::
@@ -35,7 +39,8 @@ import numpy as np
 import pandas as pd
 
 from tfjobs import cli
-from tfjobs.storage.examples import encode_padded
+from tfjobs.storage.examples import Column, encode_padded
+from tfjobs.storage.sequence_examples import SEQUENCE_EXAMPLE, encode_framed_sequence_examples, record_format
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
 from tfjobs.storage.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
 from tfjobs.storage.store import write_json
@@ -95,7 +100,9 @@ def shard_dataset(spec: PipelineSpec, validated_uri: str, output_uri: str, proce
         "spec": spec.fingerprint(),
         "input_sha256": report["data_sha256"],
         "compression": COMPRESSION,
-        "columns": [{"name": c.name, "dtype": c.dtype} for c in spec.record_columns()],
+        "record_format": record_format(spec.record_columns()),
+        "columns": [{"name": c.name, "dtype": c.dtype, **({"document": True} if c.document else {})}
+                    for c in spec.record_columns()],
         "label": spec.label.name,
         "splits": splits,
     }
@@ -242,9 +249,8 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
             key = group * len(names) + shard
             order = np.argsort(key, kind="stable")
             key = key[order]
-            rows = encode_padded(columns, {c.name: _column(frame[c.name])[order] for c in columns}, reserve=FRAMING)
-            framed = frame_in_place(rows)  # the whole batch at once; each slice is a range of its bytes
-            offsets = np.concatenate([[0], np.cumsum(rows.lengths)]).tolist()
+            framed, lengths = framed_records(columns, {c.name: _column(frame[c.name])[order] for c in columns})
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).tolist()
             bounds = [0, *(np.flatnonzero(np.diff(key)) + 1).tolist(), len(key)]
             for start, stop in zip(bounds[:-1], bounds[1:]):
                 member, index = divmod(int(key[start]), len(names))
@@ -261,6 +267,17 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
         for writer in writers:
             writer.close()
     return writers
+
+
+def framed_records(columns: list[Column], values: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's records in TFRecord framing, all at once: (their bytes back to back, each one's length).
+
+    Examples; SequenceExamples when a column is stored as a document.
+    """
+    if record_format(columns) == SEQUENCE_EXAMPLE:
+        return encode_framed_sequence_examples(columns, values)
+    rows = encode_padded(columns, values, reserve=FRAMING)
+    return frame_in_place(rows), rows.lengths
 
 
 def reuse_freed_memory() -> None:
