@@ -55,6 +55,9 @@ def test_errors_name_the_file_and_the_field(tmp_path):
         ({"source": {"kind": "csv", "uri": "a", "quoting": "all"}}, r"source\.quoting 'all' is not one of \['minimal', 'none'\]"),
         ({"source": {"kind": "csv", "uri": "a", "encoding": "utf-9"}}, r"source\.encoding 'utf-9' is not an encoding"),
         ({"source": {"kind": "palmerpenguins", "delimiter": "\t"}}, r"source\.delimiter describes a delivered file: it applies to kind csv or landing"),
+        ({"features": {"t": {"kind": "text", "output_mode": "one_hot"}}}, r"features\.t\.output_mode: 'one_hot' is not one of"),
+        ({"features": {"t": {"kind": "text", "ngrams": 6}}}, r"features\.t\.ngrams: Input should be less than or equal to 5"),
+        ({"features": {"t": {"kind": "text", "storage": "proto"}}}, r"features\.t\.storage: 'proto' is not one of"),
     ],
 )
 def test_bad_specs_are_rejected_with_the_field_named(change, message):

@@ -5,6 +5,7 @@
 :mod:`.numeric`           ``numeric``: normalize, rescale or discretize a float
 :mod:`.categorical`       ``categorical``: a string (or a list of them), looked up or hashed
 :mod:`.integer_categorical`  ``integer_categorical``: an integer id, looked up or hashed
+:mod:`.text`              ``text``: free text, tokenized in the model: token ids or a bag of words
 :mod:`.crosses`           the spec's ``crosses:``, hashed crossings of indices
 :mod:`.preprocessing`     the Keras layer that runs every kind, in training and serving
 ========================  ===================================================================
@@ -14,7 +15,7 @@ features and ask each one; none of them names a kind. A new kind is a module wit
 subclass of :class:`Feature` that sets ``kind``: importing it registers it.
 """
 
-from tfjobs.features import categorical, integer_categorical, numeric  # noqa: F401  (register the kinds)
+from tfjobs.features import categorical, integer_categorical, numeric, text  # noqa: F401  (register the kinds)
 from tfjobs.features.base import (
     MISSING_POLICIES,
     NUMBERS,
