@@ -99,3 +99,17 @@ def test_fingerprint_follows_content(penguins_spec):
 def _minimal():
     return {"name": "m", "source": {"kind": "palmerpenguins"},
             "label": {"name": "y", "task": "regression"}, "features": {"x": {"kind": "numeric"}}}
+
+
+def test_a_run_overrides_feature_options_checked_by_their_kind():
+    spec = tiny_spec(features={"note": {"kind": "text", "sequence_length": 16}, "colour": {"kind": "categorical"}})
+    chosen = spec.with_feature_options({"note": {"output_mode": "tf_idf", "ngrams": "2", "storage": ""}})
+    note = chosen.feature("note")
+    # The spec's own options stay (int-family ones too: a form may switch families); "" keeps the spec's value.
+    assert (note.options.output_mode, note.options.ngrams, note.options.sequence_length) == ("tf_idf", 2, 16)
+    assert note.options.storage == "example" and chosen.fingerprint() != spec.fingerprint()
+    assert spec.with_feature_options({"note": {"output_mode": None}}) is spec
+    with pytest.raises(SpecError, match=r"features\.note\.output_mode: 'bag' is not one of"):
+        spec.with_feature_options({"note": {"output_mode": "bag"}})
+    with pytest.raises(SpecError, match=r"feature options given for \['nope'\], which are not features"):
+        spec.with_feature_options({"nope": {"output_mode": "int"}})

@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,29 @@ class PipelineSpec:
             "features": {f.name: f.to_dict() for f in self.features},
             "crosses": [cross.model_dump() for cross in self.crosses],
         }
+
+    def with_feature_options(self, overrides: Mapping[str, Mapping[str, Any]] | None) -> PipelineSpec:
+        """A copy whose features take ``overrides`` over their spec's options, e.g. a run's choice from the
+        trigger form: ``{"message": {"output_mode": "tf_idf"}}``.
+
+        Empty values (an optional form field left empty) keep the spec's; the options are checked by
+        their kind as in the spec file, errors name the feature and the option.
+        """
+        overrides = {name: {k: v for k, v in (options or {}).items() if v not in (None, "")}
+                     for name, options in (overrides or {}).items()}
+        overrides = {name: options for name, options in overrides.items() if options}
+        if not overrides:
+            return self
+        unknown = sorted(set(overrides) - {f.name for f in self.features})
+        if unknown:
+            raise SpecError(f"feature options given for {unknown}, which are not features of {self.name!r}")
+        features = tuple(
+            _parse_feature(f.name, {"kind": f.kind, **f.options.model_dump(exclude_unset=True), **overrides[f.name]})
+            if f.name in overrides else f
+            for f in self.features
+        )
+        crosses = _parse_crosses([c.model_dump() for c in self.crosses], {f.name: f for f in features})
+        return dataclasses.replace(self, features=features, crosses=crosses)
 
     def fingerprint(self) -> str:
         """A stable hash of everything the spec says, for up-to-date checks."""
