@@ -84,12 +84,16 @@ class ShardlineOperator(BaseOperator):
     :param dataset: the dataset's name on the store, by default the spec's name. The scoring DAG
         keeps its deliveries apart from the training data's with ``<name>_scoring``
         (``raw/penguins_scoring/<partition>/``, ...).
+    :param feature_options: options that override the spec's features for this run, e.g.
+        ``{"message": {"output_mode": "{{ params.message_output_mode }}"}}`` (templated); every step
+        of a run must get the same (``training_pipeline`` passes them to all).
 
     Every step has an ``execution_timeout`` (Airflow stops a try that runs longer):
     ``default_execution_timeout`` unless the task or the DAG's ``default_args`` set one.
     """
 
-    template_fields: Sequence[str] = ("store_uri", "partition", "store_conn_id")
+    template_fields: Sequence[str] = ("store_uri", "partition", "store_conn_id", "feature_options")
+    template_fields_renderers = {"feature_options": "json"}
     #: The layout property this operator writes, declared as an Airflow Asset (None: no asset).
     output_stage: str | None = None
     #: How long one try of the step may run. An hour is ample for this project's data (the
@@ -104,6 +108,7 @@ class ShardlineOperator(BaseOperator):
         store_uri: str | None = None,
         partition: str = PARTITION_TEMPLATE,
         store_conn_id: str | None = None,
+        feature_options: dict[str, dict[str, Any]] | None = None,
         execution_timeout: datetime.timedelta | None = None,
         dataset: str | None = None,
         **kwargs: Any,
@@ -117,6 +122,7 @@ class ShardlineOperator(BaseOperator):
         self.partition = partition
         self.store_conn_id = store_conn_id
         self.dataset = dataset
+        self.feature_options = feature_options or {}
 
     def _stage_assets(self, spec_path, store_uri: str | None, dataset: str | None = None) -> list[Asset]:
         """The asset this step updates, e.g. ``<store>/shards/penguins`` (none if no store is set)."""
@@ -128,8 +134,9 @@ class ShardlineOperator(BaseOperator):
         return [Asset(name=f"{name}.{self.output_stage}", uri=uri, group="shardline")]
 
     def load_spec(self) -> PipelineSpec:
+        """The spec, with this run's ``feature_options`` over its features' options."""
         try:
-            return read_spec(self.spec)
+            return read_spec(self.spec).with_feature_options(self.feature_options)
         except (OSError, ValueError) as err:
             raise AirflowFailException(f"{self.task_id}: cannot read spec {self.spec}: {err}") from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from airflow.sdk import Param
 
 from operators.train import DEFAULT_EPOCH_TIMEOUT
@@ -17,8 +19,45 @@ HYPERPARAMETERS = {name: "{{ params.%s }}" % name for name in HYPERPARAMETER_NAM
 URI_WITHOUT_CREDENTIALS = r"^(?![A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@)"
 
 
-def training_params(spec: PipelineSpec) -> dict[str, Param]:
-    """The trigger form: typed, ranged and described, with the spec's values as defaults."""
+#: What a DAG lets a run choose of its features' options: ``{"message": ["output_mode", "storage"]}``.
+FeatureChoices = Mapping[str, Sequence[str]]
+#: The JSON Schema keywords of a kind's option that a form field takes over.
+_FORM_KEYWORDS = ("type", "enum", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def feature_option_param_name(feature: str, option: str) -> str:
+    return f"{feature}_{option}"
+
+
+def feature_option_params(spec: PipelineSpec, choices: FeatureChoices) -> dict[str, Param]:
+    """One form field per chosen feature option, ``<feature>_<option>``: typed, with its choices and
+    description from the feature's kind (its options' JSON Schema), the spec's value as the default."""
+    params = {}
+    for name, options in choices.items():
+        feature = spec.feature(name)
+        properties = feature.Options.model_json_schema()["properties"]
+        for option in options:
+            if option not in properties:
+                raise ValueError(f"Feature {name!r} ({feature.kind}) has no option {option!r}; its options are "
+                                 f"{sorted(properties)}")
+            schema = properties[option]
+            params[feature_option_param_name(name, option)] = Param(
+                getattr(feature.options, option), **{k: schema[k] for k in _FORM_KEYWORDS if k in schema},
+                title=f"{name}: {option.replace('_', ' ')}",
+                description=f"{schema.get('description', option)} (the spec's {name}.{option} for this run).",
+            )
+    return params
+
+
+def feature_option_templates(choices: FeatureChoices) -> dict[str, dict[str, str]]:
+    """What every step of a run gets as ``feature_options``: each chosen option from its form field."""
+    return {name: {option: "{{ params.%s }}" % feature_option_param_name(name, option) for option in options}
+            for name, options in choices.items()}
+
+
+def training_params(spec: PipelineSpec, feature_choices: FeatureChoices | None = None) -> dict[str, Param]:
+    """The trigger form: typed, ranged and described, with the spec's values as defaults; with
+    ``feature_choices``, a field for each feature option a run may choose (:func:`feature_option_params`)."""
     training = spec.training
     return {
         "epochs": Param(
@@ -82,6 +121,7 @@ def training_params(spec: PipelineSpec) -> dict[str, Param]:
             description="Retrain even when a model of the same data and settings exists for this run.",
         ),
         **lifecycle_params(),
+        **feature_option_params(spec, feature_choices or {}),
     }
 
 

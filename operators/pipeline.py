@@ -8,7 +8,7 @@ from operators.adapt import AdaptPreprocessingOperator
 from operators.evaluate import EvaluateModelOperator
 from operators.export import ExportServingModelOperator
 from operators.fetch import FetchDatasetOperator
-from operators.params import HYPERPARAMETERS
+from operators.params import HYPERPARAMETERS, FeatureChoices, feature_option_templates
 from operators.promote import PromoteModelOperator
 from operators.report import RunReportOperator
 from operators.shard import ShardToTFRecordOperator
@@ -18,18 +18,19 @@ from operators.tune import OPTIONAL_HYPERPARAMETERS, OPTIONAL_MODEL_KIND, tuning
 from operators.validate import ValidateDatasetOperator
 
 
-def training_pipeline(tuning: bool = False) -> list[BaseOperator]:
+def training_pipeline(tuning: bool = False, feature_choices: FeatureChoices | None = None) -> list[BaseOperator]:
     """fetch -> validate -> statistics -> shard -> adapt -> train -> evaluate -> export -> promote, chained,
     and the run report as a teardown (it runs whatever happened, and does not change the run's state).
-    With ``tuning``, the search's mapped tasks (tune_plan -> tune -> tune_best) run before train.
 
     Call it inside a DAG whose ``default_args`` name the spec (``{"spec": path}``)
-    and whose ``params`` come from :func:`operators.params.training_params`.
+    and whose ``params`` come from :func:`operators.params.training_params`, with the same
+    ``feature_choices``: every step then reads the spec with the run's choices of those options.
 
     ``tuning=True`` puts the search between adapt and train (``tune_plan``, the mapped
     ``tune`` runners, ``tune_best``; :mod:`operators.tune`), switched per run by the
     ``tuning`` Param: the DAG's ``params`` then come from :func:`operators.tune.tuning_params`.
     """
+    options = {"feature_options": feature_option_templates(feature_choices)} if feature_choices else {}
     tasks = [
         # `or ''`: the form sends null for an empty optional field.
         FetchDatasetOperator(
@@ -38,12 +39,13 @@ def training_pipeline(tuning: bool = False) -> list[BaseOperator]:
             source_conn_id="{{ params.source_conn_id or '' }}",
             deadline="{{ params.delivery_deadline or '' }}",
             poke_interval="{{ params.delivery_poke_interval or '' }}",
+            **options,
         ),
-        ValidateDatasetOperator(task_id="validate"),
-        ComputeStatisticsOperator(task_id="statistics"),
-        ShardToTFRecordOperator(task_id="shard"),
-        AdaptPreprocessingOperator(task_id="adapt"),
-        *(tuning_steps() if tuning else ()),
+        ValidateDatasetOperator(task_id="validate", **options),
+        ComputeStatisticsOperator(task_id="statistics", **options),
+        ShardToTFRecordOperator(task_id="shard", **options),
+        AdaptPreprocessingOperator(task_id="adapt", **options),
+        *(tuning_steps(**options) if tuning else ()),
         # In a DAG that can tune, train takes the best trial's settings, under the Params the run sets.
         TrainModelOperator(
             task_id="train",
@@ -52,14 +54,16 @@ def training_pipeline(tuning: bool = False) -> list[BaseOperator]:
             force="{{ params.force_retrain }}",
             epoch_timeout="{{ params.epoch_timeout }}",
             tuned_by="tune_best" if tuning else None,
+            **options,
         ),
         # .get: a DAG whose form predates the Param still renders.
-        EvaluateModelOperator(task_id="evaluate", force="{{ params.get('force_promotion', False) }}"),
-        ExportServingModelOperator(task_id="export"),
+        EvaluateModelOperator(task_id="evaluate", force="{{ params.get('force_promotion', False) }}", **options),
+        ExportServingModelOperator(task_id="export", **options),
     ]
-    tasks.append(PromoteModelOperator(task_id="promote", version="{{ ti.xcom_pull(task_ids='export')['version'] }}"))
+    tasks.append(PromoteModelOperator(
+        task_id="promote", version="{{ ti.xcom_pull(task_ids='export')['version'] }}", **options))
     chain(*tasks)
-    tasks.append(with_run_report(tasks))
+    tasks.append(with_run_report(tasks, **options))
     return tasks
 
 

@@ -43,7 +43,7 @@ class TrainModelOperator(ShardlineOperator):
     )
     # Derived from the epochs once the Params are rendered (training_timeout).
     default_execution_timeout = None
-    template_fields_renderers = {"hyperparameters": "json"}
+    template_fields_renderers = {**ShardlineOperator.template_fields_renderers, "hyperparameters": "json"}
     output_stage = "runs"
     ui_color = "#f9c784"
     operator_extra_links = (StoreLink("TensorBoard logs", "tensorboard_uri"), StoreLink("Trained model", "model_uri"))

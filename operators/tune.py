@@ -304,9 +304,11 @@ class PickBestTrialOperator(TuningOperator):
         return {"tuned": True, **payload, "storage": self.storage_name}
 
 
-def tuning_steps() -> tuple:
-    """``tune_plan``, the mapped ``tune`` runners and ``tune_best``, wired to the trigger form's Params."""
+def tuning_steps(**kwargs) -> tuple:
+    """``tune_plan``, the mapped ``tune`` runners and ``tune_best``, wired to the trigger form's Params
+    (``kwargs``: more arguments for all three, e.g. the run's ``feature_options``)."""
     study = {
+        **kwargs,
         "enabled": "{{ params.tuning }}",
         "hyperparameters": dict(OPTIONAL_HYPERPARAMETERS),
         "model_kind": OPTIONAL_MODEL_KIND,

@@ -39,7 +39,7 @@ def test_dagbag_has_no_import_errors():
 
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert bag.import_errors == {}
-    assert {"penguins", "housing"} <= set(bag.dag_ids)
+    assert {"penguins", "housing", "sms_spam"} <= set(bag.dag_ids)
 
 
 def test_penguins_dag_shape_and_trigger_form():
@@ -150,3 +150,21 @@ def test_penguins_has_no_tuning_steps_and_keeps_its_filled_in_form():
 
     dag = DagBag(dag_folder=str(ROOT / "dags" / "penguins.py")).dags["penguins"]
     assert "tuning" not in dag.params and dag.params["epochs"] == 60 and dag.get_task("train").tuned_by is None
+
+
+def test_sms_spam_form_picks_the_text_family_and_storage_for_every_step():
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = DagBag(dag_folder=str(ROOT / "dags" / "sms_spam.py")).dags["sms_spam"]
+    params = dag.params
+    mode, storage = params.get_param("message_output_mode"), params.get_param("message_storage")
+    assert mode.value == "int" and mode.schema["enum"] == ["int", "multi_hot", "count", "tf_idf"]
+    assert storage.schema["enum"] == ["example", "sequence_example"] and "SequenceExample" in storage.description
+    with pytest.raises(ParamValidationError):
+        mode.resolve("bag_of_words")
+    # Every step reads the spec with the run's choices, or the steps would disagree on the data.
+    for task in dag.tasks:
+        assert task.feature_options == {"message": {"output_mode": "{{ params.message_output_mode }}",
+                                                    "storage": "{{ params.message_storage }}"}}, task.task_id
+        assert "feature_options" in task.template_fields

@@ -36,7 +36,7 @@ def in_model(feature_, texts):
 
 
 def test_the_built_in_kinds_are_registered_and_their_options_have_a_json_schema():
-    assert {"numeric", "categorical", "integer_categorical"} <= set(kinds())
+    assert {"numeric", "categorical", "integer_categorical", "text"} <= set(kinds())
     branches = {b["title"]: b for b in json_schema()["properties"]["features"]["additionalProperties"]["oneOf"]}
     assert branches["numeric"]["properties"]["transform"]["enum"] == ["normalize", "rescale", "discretize"]
     assert branches["categorical"]["properties"]["delimiter"]["type"] == "string"
@@ -53,12 +53,14 @@ NUMBERS_TEXT = ["1.5", " 2 ", "\t3e2", "NA", "", "null", " NaN ", "-0.25", "+4",
 IDS_TEXT = ["3", " 4 ", "5.0", "NA", "", "-7", "\t12"]
 STRINGS_TEXT = [" red", "blue\t", "NA", "", "null", "green", " N/A "]
 LISTS_TEXT = [" a | b |", "NA", "c", "a||b", " | ", "b|null|c", ""]
+MESSAGES_TEXT = [" Free £100!\t", "NA", "", 'say "hi"  to\tme ', "\r\nnull", "None of it.", " ünïcødé "]
 
 
 @pytest.mark.parametrize(("options", "texts"), [
     ({"kind": "numeric"}, NUMBERS_TEXT),
     ({"kind": "integer_categorical"}, IDS_TEXT),
     ({"kind": "categorical"}, STRINGS_TEXT),
+    ({"kind": "text"}, MESSAGES_TEXT),  # stripped, NA tokens missing; the inside is the message's own
 ])
 def test_validate_and_the_model_clean_raw_text_alike(options, texts):
     f = feature(**options)

@@ -184,3 +184,34 @@ def test_empty_csv_is_an_error(tmp_path, store):
 def test_source_spec_defaults():
     source = SourceSpec(kind="landing", uri="x")
     assert (source.pattern, source.deadline, source.poke_interval) == ("{partition}.csv", "6h", "5m")
+
+
+TSV_SOURCE = {"kind": "csv", "uri": "unused", "delimiter": "\t", "quoting": "none", "header": False,
+              "column_names": ["kind", "colour"]}
+
+
+def test_rows_are_counted_as_the_source_lays_them_out(tmp_path, store):
+    # No header, tabs, quotes that would join two lines under CSV quoting, a blank line, a Latin-1 byte.
+    (tmp_path / "in.tsv").write_bytes(b'a\t"hi\nb\tbye"\n\nb\tcaf\xe9\n')
+    spec = tiny_spec(source=TSV_SOURCE)
+    result = fetch_dataset(spec, f"{store}/raw", source_uri=str(tmp_path / "in.tsv"))
+    manifest = read_json(result.manifest_uri)
+    assert (result.rows, manifest["columns"]) == (3, ["kind", "colour"])
+
+
+def test_a_zip_archive_is_fetched_as_its_member_and_a_plain_file_as_it_is(tmp_path, store):
+    import zipfile
+
+    data = b"a\tred\nb\tblue\n"
+    with zipfile.ZipFile(tmp_path / "delivery.zip", "w") as archive:
+        archive.writestr("readme", "about the data")
+        archive.writestr("data.tsv", data)
+    (tmp_path / "data.tsv").write_bytes(data)
+    spec = tiny_spec(source={**TSV_SOURCE, "archive_member": "data.tsv"})
+    zipped = fetch_dataset(spec, f"{store}/zipped", source_uri=str(tmp_path / "delivery.zip"))
+    plain = fetch_dataset(spec, f"{store}/plain", source_uri=str(tmp_path / "data.tsv"))
+    assert store_for(zipped.data_uri).read_bytes(zipped.data_uri) == data and zipped.rows == plain.rows == 2
+    assert zipped.source.endswith("delivery.zip!data.tsv") and zipped.sha256 == plain.sha256
+    wrong = tiny_spec(source={**TSV_SOURCE, "archive_member": "nope.tsv"})
+    with pytest.raises(ValueError, match=r"without 'nope.tsv' \(source.archive_member\); it holds \['readme', 'data.tsv'\]"):
+        fetch_dataset(wrong, f"{store}/wrong", source_uri=str(tmp_path / "delivery.zip"))

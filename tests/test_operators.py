@@ -212,3 +212,16 @@ def test_a_time_limit_set_on_the_task_or_the_dag_wins():
         fetch = FetchDatasetOperator(task_id="fetch", execution_timeout=3 * hour)
     train.render_template_fields({})
     assert (train.execution_timeout, fetch.execution_timeout) == (2 * hour, 3 * hour)
+
+
+def test_feature_options_override_the_spec_for_the_run_and_bad_ones_fail_the_task(tmp_path):
+    from operators import AdaptPreprocessingOperator
+
+    operator = AdaptPreprocessingOperator(task_id="adapt", spec=SPEC, store_uri=str(tmp_path),
+                                          feature_options={"island": {"encoding": "embedding", "embedding_dim": "3"}})
+    island = operator.load_spec().feature("island")
+    assert (island.options.encoding, island.options.embedding_dim) == ("embedding", 3)
+    assert operator.load_spec().fingerprint() != load_spec(SPEC).fingerprint()
+    operator.feature_options = {"island": {"encoding": "hashed"}}
+    with pytest.raises(AirflowFailException, match=r"features\.island\.encoding: 'hashed' is not one of"):
+        operator.load_spec()

@@ -54,6 +54,16 @@ def test_errors_name_the_file_and_the_field(tmp_path):
         ({"drift": {"threshold": 0}}, r"drift threshold of 'threshold' must be a positive number"),
         ({"serving": {"keep_versions": 0}}, r"serving\.keep_versions must be a positive integer"),
         ({"scoring": {"key": ["kind"]}}, r"scoring\.key names the label 'kind'"),
+        ({"source": {"kind": "csv", "uri": "a", "header": False}}, r"header is false: name the file's columns"),
+        ({"source": {"kind": "csv", "uri": "a", "column_names": ["x"]}}, r"column_names names the columns of a file without a header"),
+        ({"source": {"kind": "csv", "uri": "a", "header": False, "column_names": ["x", "x"]}}, r"column_names must be distinct"),
+        ({"source": {"kind": "csv", "uri": "a", "delimiter": "\\t"}}, r"source\.delimiter must be one character"),
+        ({"source": {"kind": "csv", "uri": "a", "quoting": "all"}}, r"source\.quoting 'all' is not one of \['minimal', 'none'\]"),
+        ({"source": {"kind": "csv", "uri": "a", "encoding": "utf-9"}}, r"source\.encoding 'utf-9' is not an encoding"),
+        ({"source": {"kind": "palmerpenguins", "delimiter": "\t"}}, r"source\.delimiter describes a delivered file: it applies to kind csv or landing"),
+        ({"features": {"t": {"kind": "text", "output_mode": "one_hot"}}}, r"features\.t\.output_mode: 'one_hot' is not one of"),
+        ({"features": {"t": {"kind": "text", "ngrams": 6}}}, r"features\.t\.ngrams: Input should be less than or equal to 5"),
+        ({"features": {"t": {"kind": "text", "storage": "proto"}}}, r"features\.t\.storage: 'proto' is not one of"),
     ],
 )
 def test_bad_specs_are_rejected_with_the_field_named(change, message):
@@ -116,3 +126,17 @@ def test_lifecycle_settings_have_defaults_and_read_like_the_issue():
     assert spec.serving.keep_versions == 5 and spec.scoring.key == ("id",)
     housing = load_spec(ROOT / "include" / "housing.yaml")
     assert housing.evaluation.change == {"rmse": 1000} and housing.drift.action == "stop"
+
+
+def test_a_run_overrides_feature_options_checked_by_their_kind():
+    spec = tiny_spec(features={"note": {"kind": "text", "sequence_length": 16}, "colour": {"kind": "categorical"}})
+    chosen = spec.with_feature_options({"note": {"output_mode": "tf_idf", "ngrams": "2", "storage": ""}})
+    note = chosen.feature("note")
+    # The spec's own options stay (int-family ones too: a form may switch families); "" keeps the spec's value.
+    assert (note.options.output_mode, note.options.ngrams, note.options.sequence_length) == ("tf_idf", 2, 16)
+    assert note.options.storage == "example" and chosen.fingerprint() != spec.fingerprint()
+    assert spec.with_feature_options({"note": {"output_mode": None}}) is spec
+    with pytest.raises(SpecError, match=r"features\.note\.output_mode: 'bag' is not one of"):
+        spec.with_feature_options({"note": {"output_mode": "bag"}})
+    with pytest.raises(SpecError, match=r"feature options given for \['nope'\], which are not features"):
+        spec.with_feature_options({"nope": {"output_mode": "int"}})

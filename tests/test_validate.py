@@ -80,3 +80,60 @@ def test_revalidating_unchanged_input_rewrites_nothing(tmp_path):
 def test_validate_needs_fetched_data(tmp_path):
     with pytest.raises(FileNotFoundError, match="run the fetch step first"):
         validate_dataset(tiny_spec(), str(tmp_path / "raw"), str(tmp_path / "validated"))
+
+
+# A delivery as the SMS collection comes: tab-separated, no header, quotes and £ inside the text,
+# and one message whose bytes are not UTF-8 (Latin-1 "café" from an old phone: \xe9).
+TSV = (b'ham\tsee you at "the usual" place\n'
+       b'spam\tWIN \xc2\xa3100 now! txt "WIN" to 80808\n'
+       b'ham\tcaf\xe9 at 5?\n'
+       b'eggs\tnot a label\n'
+       b'ham\t  padded with spaces  \n'
+       b'\n')
+TSV_SOURCE = {"kind": "csv", "uri": "unused.tsv", "delimiter": "\t", "quoting": "none", "header": False,
+              "column_names": ["label", "message"]}
+
+
+def tsv_spec(**overrides):
+    return tiny_spec(**{"source": TSV_SOURCE, "label": {"name": "label", "task": "classification",
+                                                         "classes": ["ham", "spam"]},
+                        "features": {"message": {"kind": "categorical"}}, "max_quarantine_fraction": 0.5,
+                        **overrides})
+
+
+def test_a_tab_separated_delivery_without_header_is_read_as_its_source_says(tmp_path):
+    (tmp_path / "in.tsv").write_bytes(TSV)
+    store = str(tmp_path / "store")
+    fetched = fetch_dataset(tsv_spec(), f"{store}/raw", source_uri=str(tmp_path / "in.tsv"))
+    result = validate_dataset(tsv_spec(), f"{store}/raw", f"{store}/validated")
+    # Every row accounted for, as fetch counted them (the blank line is no row for either).
+    assert fetched.rows == result.rows_in == result.rows_valid + result.rows_quarantined == 5
+    frame = pd.read_parquet(result.data_uri)
+    assert frame["message"].tolist() == ['see you at "the usual" place', 'WIN £100 now! txt "WIN" to 80808',
+                                         "padded with spaces"]
+    assert result.reasons == {"message: is not valid utf-8": 1, "label: label is not one of the spec's classes": 1}
+
+
+def test_a_value_that_is_not_valid_in_the_encoding_quarantines_its_row_as_delivered(tmp_path):
+    (tmp_path / "in.tsv").write_bytes(TSV)
+    store = str(tmp_path / "store")
+    fetch_dataset(tsv_spec(), f"{store}/raw", source_uri=str(tmp_path / "in.tsv"))
+    result = validate_dataset(tsv_spec(), f"{store}/raw", f"{store}/validated")
+    quarantine = (tmp_path / "store" / "validated" / "quarantine.csv").read_bytes()
+    assert b"caf\xe9 at 5?" in quarantine  # the row's bytes as they came, for whoever fixes the source
+    rows = pd.read_csv(result.quarantine_uri, keep_default_na=False, encoding="latin-1")
+    assert rows["_line"].tolist() == [3, 4]  # no header: the first line is line 1
+    assert rows["_reason"].tolist()[0] == r"message: 'caf\udce9 at 5?' is not valid utf-8"
+    # Read as Latin-1 instead, every byte decodes: the row is valid.
+    latin = tsv_spec(source={**TSV_SOURCE, "encoding": "latin-1"})
+    fetch_dataset(latin, f"{store}/raw-latin", source_uri=str(tmp_path / "in.tsv"))
+    result = validate_dataset(latin, f"{store}/raw-latin", f"{store}/validated-latin")
+    assert "café at 5?" in pd.read_parquet(result.data_uri)["message"].tolist()
+
+
+def test_quoted_fields_keep_their_delimiters_and_line_breaks_with_minimal_quoting(tmp_path):
+    text = 'label;message\nham;"a; b"\nspam;"two\nlines"\n'
+    spec = tsv_spec(source={"kind": "csv", "uri": "x.csv", "delimiter": ";"})
+    result = validate_csv(tmp_path, text, spec)
+    assert pd.read_parquet(result.data_uri)["message"].tolist() == ["a; b", "two\nlines"]
+    assert result.rows_in == 2

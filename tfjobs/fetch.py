@@ -18,6 +18,10 @@ Tabular deliveries keep their bytes as delivered (``data.csv``); sources with a 
 column write ``data.parquet`` (:mod:`tfjobs.storage.raw_files`). The manifest records
 the format, the row count, the SHA-256 and where the data came from. A re-fetch that
 yields the same bytes rewrites nothing.
+Rows of a delivered file are counted as the spec's source lays them out
+(delimiter, quoting, header or ``column_names``, encoding: tab-separated files
+without a header come as they are); a zip archive is replaced by its
+``source.archive_member``.
 
 A landing delivery may be late. Until its deadline (``source.deadline`` after the
 end of the partition's day, or an absolute UTC time given for the run) a missing
@@ -54,6 +58,7 @@ import os
 import shutil
 import time
 import urllib.error
+import zipfile
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
@@ -63,8 +68,8 @@ from pathlib import Path
 from tfjobs import cli
 from tfjobs.allowed_sources import AllowedSources
 from tfjobs.deadlines import parse_duration, partition_deadline, utc_now, utc_text
-from tfjobs.spec import PipelineSpec, SourceSpec, load_spec
-from tfjobs.storage.raw_files import RAW_FILES, count_rows, raw_format, write_parquet
+from tfjobs.spec import FILE_LAYOUT_FIELDS, PipelineSpec, SourceSpec, load_spec
+from tfjobs.storage.raw_files import RAW_FILES, parquet_rows, raw_format, write_parquet
 from tfjobs.storage.store import join, local_copy, read_json_if_exists, redact, sha256_file, staging_dir, store_for, write_json
 
 log = logging.getLogger(__name__)
@@ -166,13 +171,14 @@ def fetch_dataset(
             description = _fetch_to_parquet(spec, source, local)
         else:
             description = _fetch_source(source, local, auth)
+        description = _unpack(source, local, description)
         digest = sha256_file(local)
         manifest_uri = join(output_uri, MANIFEST)
         previous = read_json_if_exists(manifest_uri)
         if previous and previous.get("sha256") == digest:
             log.info("Raw data for %s at %s is unchanged (sha256 %s); nothing rewritten", spec.name, output_uri, digest)
             return _result(output_uri, previous, rewritten=False)
-        rows, columns = count_rows(local)
+        rows, columns = _count_rows(local, source)
         store = store_for(output_uri)
         store.delete(manifest_uri)
         store.upload(local, join(output_uri, local.name))
@@ -217,16 +223,18 @@ def fetch_when_delivered(
 def source_for(spec: PipelineSpec, source_uri: str = "") -> SourceSpec:
     """The source to fetch: the spec's, or ``source_uri`` (a landing pattern if it holds ``{partition}``).
 
-    A landing pattern given for the run keeps the spec's deadline and poke interval.
+    A source given for the run is laid out as the spec's (delimiter, header, encoding, ...: the
+    same data from elsewhere); a landing pattern keeps the spec's deadline and poke interval.
     """
     if not source_uri:
         return spec.source
     if spec.source.kind == "image_folder":  # another folder laid out as the spec's
         return dataclasses.replace(spec.source, uri=source_uri)
+    layout = {name: getattr(spec.source, name) for name in FILE_LAYOUT_FIELDS}
     if "{partition}" in source_uri:
         return SourceSpec(kind="landing", pattern=source_uri, deadline=spec.source.deadline,
-                          poke_interval=spec.source.poke_interval)
-    return SourceSpec(kind="csv", uri=source_uri)
+                          poke_interval=spec.source.poke_interval, **layout)
+    return SourceSpec(kind="csv", uri=source_uri, **layout)
 
 
 def source_location(source: SourceSpec) -> str:
@@ -511,6 +519,35 @@ def _tfds_columns(tfds, info) -> dict[str, _TfdsColumn]:
             log.info("TFDS feature %r (%s) has no column: only images, labels, text and scalars are fetched",
                      name, type(feature).__name__)
     return columns
+
+
+def _unpack(source: SourceSpec, path: Path, description: str) -> str:
+    """Replace a zip archive at ``path`` by the source's ``archive_member`` in it; a plain file stays as it is."""
+    if not source.archive_member or not zipfile.is_zipfile(path):
+        return description
+    with zipfile.ZipFile(path) as archive:
+        if source.archive_member not in archive.namelist():
+            raise ValueError(f"{description} is a zip archive without {source.archive_member!r} "
+                             f"(source.archive_member); it holds {archive.namelist()}")
+        data = archive.read(source.archive_member)
+    path.write_bytes(data)
+    return f"{description}!{source.archive_member}"
+
+
+def _count_rows(path: Path, source: SourceSpec) -> tuple[int, list[str]]:
+    """Rows (blank lines are none, as for the validate step's reader) and the columns, as the source lays them out.
+
+    Bytes that do not decode are counted like any others: their row is the validate step's to quarantine.
+    """
+    if raw_format(path) == "parquet":
+        return parquet_rows(path)
+    with open(path, newline="", encoding=source.encoding, errors="surrogateescape") as f:
+        reader = csv.reader(f, **source.csv_dialect())
+        header = next(reader, None) if source.header else None
+        if source.header and header is None:
+            raise ValueError(f"The fetched CSV is empty (no header row): {path.name}")
+        rows = sum(1 for row in reader if row)
+    return rows, source.columns_of(header)
 
 
 def _version(package: str) -> str:

@@ -1,5 +1,9 @@
 """Split validated rows and write them as GZIP TFRecord shards of ``tf.train.Example``.
 
+(Of ``tf.train.SequenceExample`` when a feature is stored as a document: a text feature with
+``storage: sequence_example``, see :mod:`tfjobs.storage.sequence_examples`. The manifest's
+``record_format`` says which; the readers parse accordingly.)
+
 Reads ``validated/<dataset>/<partition>/data.parquet`` in record batches (memory
 stays flat however many rows there are; several processes take a run of row
 groups each) and writes::
@@ -42,11 +46,12 @@ import numpy as np
 import pandas as pd
 
 from tfjobs import cli
-from tfjobs.storage.examples import DISTINCT_VALUE_BYTES, encode_rows
+from tfjobs.storage.examples import DISTINCT_VALUE_BYTES, Column, encode_rows
+from tfjobs.storage.sequence_examples import SEQUENCE_EXAMPLE, encode_framed_sequence_examples, record_format
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
 from tfjobs.storage.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
 from tfjobs.storage.store import write_json
-from tfjobs.storage.tfrecord import COMPRESSION, TFRecordFileWriter, frame_in_chunks, gzip_level
+from tfjobs.storage.tfrecord import COMPRESSION, FramedRecords, TFRecordFileWriter, frame_in_chunks, gzip_level
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +148,9 @@ def shard_dataset(spec: PipelineSpec, validated_uri: str, output_uri: str, proce
         "spec": spec.fingerprint(),
         "input_sha256": report["data_sha256"],
         "compression": COMPRESSION,
-        "columns": [{"name": c.name, "dtype": c.dtype} for c in spec.record_columns()],
+        "record_format": record_format(spec.record_columns()),
+        "columns": [{"name": c.name, "dtype": c.dtype, **({"document": True} if c.document else {})}
+                    for c in spec.record_columns()],
         "label": spec.label.name,
         "splits": splits,
     }
@@ -284,10 +291,8 @@ def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_g
                 shard, place = shard_assignment(spec, frame, read, metadata.num_rows)
                 read += len(frame)
                 order = np.argsort(place)  # each shard's rows together, in their places (each place is unique)
-                records = encode_rows(columns, {c.name: _column(frame[c.name]) for c in columns})
+                framed = framed_records(columns, {c.name: _column(frame[c.name]) for c in columns}, order)
                 del frame
-                framed = frame_in_chunks(records, order)
-                del records
                 shard, place = shard[order], place[order]
                 for first, stop, data in framed.runs(shard):
                     lengths = framed.end[first:stop] - framed.start[first:stop]
@@ -340,6 +345,18 @@ def _frame(batch, threads: bool) -> pd.DataFrame:
         values = batch.column(name).cast(pa.binary()).to_numpy(zero_copy_only=False)
         frame[name] = pd.Series(values, dtype=object, index=frame.index)
     return frame
+
+
+def framed_records(columns: list[Column], values: dict, order: np.ndarray) -> FramedRecords:
+    """The batch's records in ``order``, in TFRecord framing: Examples, built a chunk at a time
+    (:func:`~tfjobs.storage.tfrecord.frame_in_chunks`); SequenceExamples when a column is stored as a
+    document (their pieces are as long as their values: nothing is padded).
+    """
+    if record_format(columns) == SEQUENCE_EXAMPLE:
+        data, lengths = encode_framed_sequence_examples(columns, {name: v[order] for name, v in values.items()})
+        ends = np.cumsum(lengths)
+        return FramedRecords([data], np.zeros(len(lengths), np.int64), ends - lengths, ends)
+    return frame_in_chunks(encode_rows(columns, values), order)
 
 
 def reuse_freed_memory() -> None:

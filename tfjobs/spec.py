@@ -24,9 +24,12 @@ kind's options, for editors (``include/spec.schema.json``).
 
 from __future__ import annotations
 
+import codecs
+import csv
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +45,9 @@ from tfjobs.storage.examples import Column
 TASKS = ("classification", "regression")
 LABEL_SCALINGS = ("none", "standardize")
 SOURCE_KINDS = ("palmerpenguins", "sklearn", "tfds", "csv", "landing", "image_folder")
+#: How quotes are read in a delivered file: ``minimal``, a field in double quotes may hold the delimiter,
+#: quotes (doubled) and line breaks (RFC 4180); ``none``, a quote is a character like any other.
+QUOTING = {"minimal": csv.QUOTE_MINIMAL, "none": csv.QUOTE_NONE}
 SPLITS = ("train", "eval", "test")
 #: The raw column that carries each row's split when the source assigns them (``source.splits``).
 SOURCE_SPLIT_COLUMN = "_split"
@@ -78,6 +84,22 @@ class SourceSpec:
     # delivery may come, and how often to look for it meanwhile (tfjobs.deadlines.parse_duration).
     deadline: str = "6h"
     poke_interval: str = "5m"
+    # csv and landing: how the delivered file is laid out, as real deliveries come (tab-separated,
+    # no header, quotes inside the text, another encoding). A run's own source URI keeps them.
+    delimiter: str = ","
+    quoting: str = "minimal"  # see QUOTING
+    header: bool = True  # the first line names the columns; without one, column_names does
+    column_names: tuple[str, ...] = ()
+    encoding: str = "utf-8"  # bytes that do not decode quarantine their row
+    archive_member: str = ""  # when the file fetched is a zip archive: the file in it to read
+
+    def csv_dialect(self) -> dict[str, Any]:
+        """The delimiter and quoting, as Python's ``csv`` module and ``pandas.read_csv`` both take them."""
+        return {"delimiter": self.delimiter, "quoting": QUOTING[self.quoting]}
+
+    def columns_of(self, header: list[str] | None) -> list[str]:
+        """The columns of a delivered file: its header's, or the spec's ``column_names``."""
+        return list(header) if self.header else list(self.column_names)
 
 
 @dataclass(frozen=True)
@@ -288,6 +310,29 @@ class PipelineSpec:
             "tuning": self.tuning.model_dump() if self.tuning else None,
         }
 
+    def with_feature_options(self, overrides: Mapping[str, Mapping[str, Any]] | None) -> PipelineSpec:
+        """A copy whose features take ``overrides`` over their spec's options, e.g. a run's choice from the
+        trigger form: ``{"message": {"output_mode": "tf_idf"}}``.
+
+        Empty values (an optional form field left empty) keep the spec's; the options are checked by
+        their kind as in the spec file, errors name the feature and the option.
+        """
+        overrides = {name: {k: v for k, v in (options or {}).items() if v not in (None, "")}
+                     for name, options in (overrides or {}).items()}
+        overrides = {name: options for name, options in overrides.items() if options}
+        if not overrides:
+            return self
+        unknown = sorted(set(overrides) - {f.name for f in self.features})
+        if unknown:
+            raise SpecError(f"feature options given for {unknown}, which are not features of {self.name!r}")
+        features = tuple(
+            _parse_feature(f.name, {"kind": f.kind, **f.options.model_dump(exclude_unset=True), **overrides[f.name]})
+            if f.name in overrides else f
+            for f in self.features
+        )
+        crosses = _parse_crosses([c.model_dump() for c in self.crosses], {f.name: f for f in features})
+        return dataclasses.replace(self, features=features, crosses=crosses)
+
     def fingerprint(self) -> str:
         """A stable hash of everything the spec says, for up-to-date checks.
 
@@ -342,7 +387,10 @@ def parse_spec(raw: Any) -> PipelineSpec:
         raise SpecError(f"label {label.name!r} is also listed as a feature")
     training = _build(TrainingSpec, raw.get("training") or {}, "training")
     training.loss_for(label.task)
-    source = _build(SourceSpec, _required(raw, "source", dict), "source")
+    source_raw = dict(_required(raw, "source", dict))
+    if isinstance(source_raw.get("column_names"), list):
+        source_raw["column_names"] = tuple(str(name) for name in source_raw["column_names"])
+    source = _build(SourceSpec, source_raw, "source")
     if source.kind not in SOURCE_KINDS:
         raise SpecError(f"source.kind {source.kind!r} is not one of {SOURCE_KINDS}")
     if source.kind in ("csv", "landing", "image_folder") and not source.uri:
@@ -357,6 +405,7 @@ def parse_spec(raw: Any) -> PipelineSpec:
             parse_duration(getattr(source, wait_field))
         except ValueError as err:
             raise SpecError(f"source.{wait_field}: {err}") from None
+    _check_file_layout(source, source_raw)
     split_raw = dict(raw.get("split") or {})
     if "key" in split_raw:
         split_raw["key"] = tuple(split_raw["key"])
@@ -408,6 +457,37 @@ def parse_spec(raw: Any) -> PipelineSpec:
     if unknown:
         raise SpecError(f"unknown top-level fields {sorted(unknown)}; known fields: {sorted(known)}")
     return spec
+
+
+FILE_LAYOUT_FIELDS = ("delimiter", "quoting", "header", "column_names", "encoding", "archive_member")
+
+
+def _check_file_layout(source: SourceSpec, raw: dict) -> None:
+    """The csv/landing options that say how a delivered file is laid out, checked."""
+    given = sorted(set(FILE_LAYOUT_FIELDS) & set(raw))
+    if given and source.kind not in ("csv", "landing"):
+        raise SpecError(f"source.{given[0]} describes a delivered file: it applies to kind csv or landing, "
+                        f"not {source.kind!r}")
+    if len(source.delimiter) != 1 or source.delimiter in "\r\n\"":
+        raise SpecError(f"source.delimiter must be one character, not a line break or a quote; got "
+                        f"{source.delimiter!r} (a tab is \"\\t\" in YAML)")
+    if source.quoting not in QUOTING:
+        raise SpecError(f"source.quoting {source.quoting!r} is not one of {sorted(QUOTING)}")
+    if not isinstance(source.header, bool):
+        raise SpecError(f"source.header must be true or false, got {source.header!r}")
+    if not source.header and not source.column_names:
+        raise SpecError("source.header is false: name the file's columns, in order, in source.column_names")
+    if source.header and source.column_names:
+        raise SpecError("source.column_names names the columns of a file without a header: set header: false, "
+                        "or leave column_names out to read them from the header")
+    names = list(source.column_names)
+    if any(not name for name in names) or len(set(names)) != len(names):
+        raise SpecError(f"source.column_names must be distinct, non-empty names; got {names}")
+    try:
+        codecs.lookup(source.encoding)
+    except LookupError:
+        raise SpecError(f"source.encoding {source.encoding!r} is not an encoding Python knows (utf-8, latin-1, "
+                        "cp1252, ...)") from None
 
 
 def _parse_feature(name: str, raw: Any) -> Feature:
@@ -683,7 +763,19 @@ def json_schema() -> dict[str, Any]:
         "properties": {
             "name": {"type": "string"},
             "description": {"type": "string"},
-            "source": {"type": "object", "properties": {"kind": {"enum": list(SOURCE_KINDS)}}, "required": ["kind"]},
+            "source": {"type": "object", "required": ["kind"], "properties": {
+                "kind": {"enum": list(SOURCE_KINDS)},
+                "delimiter": {"type": "string", "minLength": 1, "maxLength": 1,
+                              "description": "csv, landing: the field delimiter (\"\\t\" for tab-separated)"},
+                "quoting": {"enum": sorted(QUOTING), "description": "csv, landing: minimal, fields in double quotes "
+                            "(RFC 4180); none, a quote is a character like any other"},
+                "header": {"type": "boolean", "description": "csv, landing: the first line names the columns"},
+                "column_names": {"type": "array", "items": {"type": "string"},
+                                 "description": "csv, landing: the columns of a file without a header, in order"},
+                "encoding": {"type": "string", "description": "csv, landing: the text encoding (utf-8)"},
+                "archive_member": {"type": "string", "description": "csv, landing: the file to read when the file "
+                                   "fetched is a zip archive"},
+            }},
             "label": {"type": "object", "properties": {"task": {"enum": list(TASKS)}}, "required": ["name", "task"]},
             "features": {"type": "object", "minProperties": 1, "additionalProperties": options_schema()},
             "crosses": {"type": "array", "items": Cross.model_json_schema()},

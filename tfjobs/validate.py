@@ -2,7 +2,9 @@
 
 Reads ``raw/<dataset>/<partition>/data.csv`` (or ``data.parquet``, as the raw manifest's
 ``format`` says: sources with binary columns, such as images) in chunks (memory does
-not grow with the file) and writes to ``validated/<dataset>/<partition>/``:
+not grow with the file), a CSV laid out as the spec's source says (delimiter, quoting,
+header or ``column_names``, encoding: :func:`read_csv_arguments`), and writes to
+``validated/<dataset>/<partition>/``:
 
 - ``data.parquet``: the valid rows, each feature cleaned and typed by its kind
   (:mod:`tfjobs.features`: stripped of surrounding whitespace, NA tokens made the
@@ -12,7 +14,9 @@ not grow with the file) and writes to ``validated/<dataset>/<partition>/``:
 - ``report.json`` (written last): counts, reasons, missing values per column.
 
 A missing required column fails the step with an error that names the column.
-A row is quarantined when its label is missing or not a known class, when its
+A row is quarantined when a value's bytes are not valid in the source's encoding
+(they are read as surrogates, ``errors="surrogateescape"``, and written back to
+``quarantine.csv`` as delivered), when its label is missing or not a known class, when its
 feature's kind rejects a value (a number that does not parse, ...), or when a value
 is missing and the feature's policy is ``quarantine``. The served model cleans raw
 values with the same rules (the kinds' ``parse_text``/``clean_tensor``). No row is dropped silently: rows in = valid + quarantined.
@@ -32,13 +36,14 @@ import argparse
 import collections
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from tfjobs import cli
 from tfjobs.features.base import WHITESPACE
-from tfjobs.spec import SPLITS, PipelineSpec, load_spec
+from tfjobs.spec import SPLITS, PipelineSpec, SourceSpec, load_spec
 from tfjobs.storage.examples import arrow_type
 from tfjobs.storage.raw_files import parquet_chunks
 from tfjobs.storage.store import (
@@ -62,6 +67,8 @@ CHUNK_ROWS = 200_000
 ROW_GROUP_ROWS = 65_536
 LINE_COLUMN = "_line"
 REASON_COLUMN = "_reason"
+#: What bytes that do not decode become when read with errors="surrogateescape" (U+DC80-U+DCFF).
+UNDECODABLE = "[\udc80-\udcff]"
 
 
 class MissingColumnError(ValueError):
@@ -164,15 +171,30 @@ def required_columns(spec: PipelineSpec, label_required: bool = True) -> list[st
     return list(dict.fromkeys([*spec.scoring.key, *(f.name for f in spec.features)]))
 
 
-def _raw_chunks(raw_path, raw_format: str):
+def _raw_chunks(raw_path, raw_format: str, source: SourceSpec):
     """The raw file in chunks of text columns (binary ones as bytes), and the line or row number of its first row."""
     if raw_format == "parquet":
         return parquet_chunks(raw_path), 1
-    return _csv_chunks(raw_path), 2  # the header is line 1
+    reader = pd.read_csv(raw_path, chunksize=CHUNK_ROWS, **read_csv_arguments(source))
+    return reader, 2 if source.header else 1  # the header is line 1
 
 
-def _csv_chunks(raw_path):
-    return pd.read_csv(raw_path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS)
+def read_csv_arguments(source: SourceSpec) -> dict[str, Any]:
+    """``pandas.read_csv`` arguments for a file laid out as ``source`` says, every value as delivered text.
+
+    Values are Python strings (``object``), not Arrow's: a byte that does not decode is kept as a
+    surrogate (``surrogateescape``), which Arrow strings cannot hold, so that its row is quarantined
+    with the reason rather than the whole file failing.
+    """
+    return {
+        **source.csv_dialect(),
+        "header": 0 if source.header else None,
+        "names": list(source.column_names) or None,
+        "encoding": source.encoding,
+        "encoding_errors": "surrogateescape",
+        "dtype": object,
+        "keep_default_na": False,
+    }
 
 
 def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, source: str,
@@ -186,8 +208,10 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
     missing: collections.Counter[str] = collections.Counter()
     rows_in = rows_valid = rows_quarantined = 0
     na_values = set(spec.na_values)
-    reader, first_line = _raw_chunks(raw_path, raw_format)
-    with pq.ParquetWriter(data_path, schema) as writer, open(quarantine_path, "w", newline="") as quarantine:
+    reader, first_line = _raw_chunks(raw_path, raw_format, spec.source)
+    # surrogateescape: quarantined values with bytes that did not decode are written back as delivered.
+    with pq.ParquetWriter(data_path, schema) as writer, open(quarantine_path, "w", newline="", encoding="utf-8",
+                                                             errors="surrogateescape") as quarantine:
         header_written = False
         for chunk in reader:
             if rows_in == 0:
@@ -205,7 +229,9 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
             missing.update(chunk_missing)
             bad = row_reasons != ""
             if bad.any():
-                rejected = chunk.loc[bad, kept].map(_quarantine_text)
+                rejected = chunk.loc[bad, kept].copy()
+                for name in binary_columns(spec):  # mapped alone: inferring a text column's type fails on surrogates
+                    rejected[name] = rejected[name].map(_quarantine_text)
                 rejected.insert(0, LINE_COLUMN, rejected.index)
                 rejected[REASON_COLUMN] = row_reasons[bad]
                 rejected.to_csv(quarantine, index=False, header=not header_written)
@@ -227,6 +253,11 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
         "missing_values": {name: missing[name] for name in spec.columns if missing[name]},
         "ignored_columns": extra,
     }
+
+
+def binary_columns(spec: PipelineSpec) -> list[str]:
+    """The features whose values are bytes (encoded files), not text."""
+    return [f.name for f in spec.features if f.column().dtype == "bytes"]
 
 
 def _quarantine_text(value):
@@ -271,8 +302,19 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str], l
         previous = row_reasons[mask]
         row_reasons[mask] = previous.where(previous == "", previous + "; ") + text
 
+    # A value whose bytes did not decode quarantines its row; the kinds clean an empty value in its place.
+    texts = {}
+    binary = binary_columns(spec)  # bytes as Parquet gave them: no text
+    for name in [*(f.name for f in spec.features), *([spec.label.name] if label_required else [])]:
+        if name in binary or chunk[name].dtype != object:  # Parquet's text was UTF-8 already: nothing undecodable
+            texts[name] = chunk[name]
+            continue
+        undecodable = chunk[name].str.contains(UNDECODABLE, regex=True, na=False).to_numpy(bool)
+        reject(undecodable, f"{name}: {{value}} is not valid {spec.source.encoding}", chunk[name])
+        texts[name] = chunk[name].where(~undecodable, "").astype(str)
+
     for feature in spec.features:
-        raw = chunk[feature.name]
+        raw = texts[feature.name]
         cleaned = feature.clean(raw, na_values)
         missing[feature.name] = int(cleaned.missing.sum())
         if feature.missing == "quarantine":
@@ -285,7 +327,7 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str], l
     if not label_required:
         return typed, row_reasons, reason_counts, missing
     label = spec.label
-    values = chunk[label.name].str.strip(WHITESPACE)
+    values = texts[label.name].str.strip(WHITESPACE)
     is_na = values.isin(na_values)
     missing[label.name] = int(is_na.sum())
     reject(is_na, f"{label.name}: missing label")

@@ -6,6 +6,7 @@
 :mod:`.categorical`       ``categorical``: a string (or a list of them), looked up or hashed
 :mod:`.integer_categorical`  ``integer_categorical``: an integer id, looked up or hashed
 :mod:`.image`             ``image``: an encoded image file, decoded and resized inside the model
+:mod:`.text`              ``text``: free text, tokenized in the model: token ids or a bag of words
 :mod:`.crosses`           the spec's ``crosses:``, hashed crossings of indices
 :mod:`.profiles`          profiles of delivered values and their distances (drift), for the kinds to reuse
 :mod:`.preprocessing`     the Keras layer that runs every kind, in training and serving
@@ -16,7 +17,7 @@ features and ask each one; none of them names a kind. A new kind is a module wit
 subclass of :class:`Feature` that sets ``kind``: importing it registers it.
 """
 
-from tfjobs.features import categorical, image, integer_categorical, numeric  # noqa: F401  (register the kinds)
+from tfjobs.features import categorical, image, integer_categorical, numeric, text  # noqa: F401  (register the kinds)
 from tfjobs.features.base import (
     MISSING_POLICIES,
     NUMBERS,

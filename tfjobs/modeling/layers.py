@@ -11,6 +11,9 @@ What a training model is made of when stock layers are not enough:
 - :class:`TrainingNoise`: Gaussian noise added only when ``training=True``;
 - :class:`ResidualBlock`: ``x + f(x)`` at constant width, so one block can be
   applied several times;
+- :class:`TokenSequenceEncoder`: token ids (0 for padding) -> one vector, through an
+  ``Embedding`` and a masked mean (and max), or a ``Conv1D`` and a masked max (the model
+  part of a text feature's ``int`` output, :mod:`tfjobs.modeling.parts`);
 - weight hooks: :class:`FanInNormal` (initializer), :class:`GroupLasso`
   (regularizer) and :class:`ColumnNormCap` (constraint).
 
@@ -241,6 +244,65 @@ class ResidualBlock(layers.Layer):
 
     def get_config(self):
         config = {"units": self.units, "hidden_units": self.hidden_units, "dropout": self.dropout}
+        base_config = super().get_config()
+        return {**base_config, **config}
+
+
+@serializable
+class TokenSequenceEncoder(layers.Layer):
+    """Token ids ``[batch, length]`` (0 is padding) -> one vector per row, from a trainable ``Embedding``.
+
+    ``encoder``: ``"mean"``, the mean of the tokens' embeddings (``embedding_dim`` wide);
+    ``"mean_max"``, that mean and the elementwise max beside it (twice as wide: a word that
+    says spam counts however long the message around it); ``"conv"``, a ``Conv1D`` of width 3
+    over the embeddings (ReLU) and its max over the tokens. Padding is masked here, explicitly,
+    so that no Keras mask leaves the layer and every model kind takes its vector as any other;
+    a row without a token (an empty message) gives zeros.
+    """
+
+    ENCODERS = ("mean", "mean_max", "conv")
+
+    def __init__(self, vocabulary_size: int, embedding_dim: int, encoder: str = "mean_max", **kwargs):
+        super().__init__(**kwargs)
+        if encoder not in self.ENCODERS:
+            raise ValueError(f"TokenSequenceEncoder's encoder must be one of {self.ENCODERS}, got {encoder!r}")
+        self.vocabulary_size = int(vocabulary_size)
+        self.embedding_dim = int(embedding_dim)
+        self.encoder = encoder
+        self.embedding = layers.Embedding(self.vocabulary_size, self.embedding_dim, name="embedding")
+        self.conv = (layers.Conv1D(self.embedding_dim, 3, padding="same", activation="relu", name="conv")
+                     if encoder == "conv" else None)
+
+    def build(self, input_shape):
+        self.embedding.build(input_shape)
+        if self.conv is not None:
+            self.conv.build((*input_shape, self.embedding_dim))
+
+    def call(self, token_ids):
+        present = ops.not_equal(token_ids, 0)[..., None]  # [batch, length, 1]
+        weights = ops.cast(present, self.compute_dtype)
+        tokens = ops.sum(weights, axis=1)  # [batch, 1]
+        vectors = self.embedding(token_ids)
+        if self.conv is not None:
+            vectors = self.conv(vectors * weights)
+        mean = ops.sum(vectors * weights, axis=1) / ops.maximum(tokens, 1.0)
+        if self.encoder == "mean":
+            return mean
+        # where, not a product with the mask: -inf * 0 would be NaN for a row without tokens.
+        top = ops.max(ops.where(present, vectors, float("-inf")), axis=1)
+        top = ops.where(tokens > 0, top, ops.zeros_like(top))
+        return top if self.encoder == "conv" else ops.concatenate([mean, top], axis=-1)
+
+    @property
+    def width(self) -> int:
+        return self.embedding_dim * (2 if self.encoder == "mean_max" else 1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.width)
+
+    def get_config(self):
+        config = {"vocabulary_size": self.vocabulary_size, "embedding_dim": self.embedding_dim,
+                  "encoder": self.encoder}
         base_config = super().get_config()
         return {**base_config, **config}
 

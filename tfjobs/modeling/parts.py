@@ -13,11 +13,16 @@ the others, so every model kind takes every form::
 ``config`` is the feature's :class:`~tfjobs.features.Encoded` as a dict (``form``,
 ``shape``, ``size``, ``embedding_dim``, ...). The layer must be registered for
 serialization and report its output width through ``compute_output_shape``.
+
+Registered here: ``token_sequence``, a text feature's token ids (its ``int`` output),
+made a vector by :class:`~tfjobs.modeling.layers.TokenSequenceEncoder`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from tfjobs.features.text import TOKEN_SEQUENCE
 
 PART_BUILDERS: dict[str, Callable] = {}
 
@@ -46,3 +51,13 @@ def build_part(name: str, config: dict):
 def part_width(layer, config: dict) -> int:
     """The width of the vector a part gives for one row."""
     return int(layer.compute_output_shape((None, *config["shape"]))[-1])
+
+
+@register_part(TOKEN_SEQUENCE)
+def token_sequence_part(name: str, config: dict):
+    """A text feature's token ids (``int`` output): an embedding of ``size`` ids, then the masked pooling (or the
+    Conv1D) its ``encoding`` names, to one vector."""
+    from tfjobs.modeling.layers import TokenSequenceEncoder
+
+    return TokenSequenceEncoder(config["size"], config["embedding_dim"], config["encoding"],
+                                name=f"tokens_{name}")

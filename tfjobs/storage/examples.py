@@ -62,14 +62,21 @@ def arrow_type(dtype: str):
 
 @dataclass(frozen=True)
 class Column:
-    """One value per record: ``float32`` (NaN allowed), ``int64``, ``string`` or ``bytes``."""
+    """One value per record: ``float32`` (NaN allowed), ``int64``, ``string`` or ``bytes``.
+
+    ``document``: a string stored as a document, sentences of tokens in a feature list of a
+    ``tf.train.SequenceExample`` (:mod:`tfjobs.storage.sequence_examples`), not as one value.
+    """
 
     name: str
     dtype: str
+    document: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"Column {self.name!r}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.document and self.dtype != "string":
+            raise ValueError(f"Column {self.name!r}: only a string can be stored as a document, not {self.dtype}")
         if len(self.name.encode()) > 100:
             raise ValueError(f"Column name {self.name!r} is longer than 100 bytes")
 

@@ -17,6 +17,9 @@ TensorFlow 2.21 reads local files only (it has no ``s3://`` filesystem), so a
 
 ``raw_batches`` yields batches of raw feature values (the dtypes of the serving
 signature); ``training_batches`` turns them into what the training model eats.
+Records are ``tf.train.Example``s, or ``tf.train.SequenceExample``s when the
+manifest's ``record_format`` says so (:func:`record_parser`): a document (text
+stored as sentences of tokens) is read back as its text.
 Shards are read concurrently (``interleave``), records are parsed a batch at a
 time (``parse_example`` on a batch is an order of magnitude faster than one record
 at a time), and everything is prefetched so that the model does not wait.
@@ -38,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from tfjobs.storage.examples import Column, parse_features
+from tfjobs.storage.sequence_examples import EXAMPLE, SEQUENCE_EXAMPLE, parse_sequence_examples
 from tfjobs.storage.store import join, read_json, store_for
 from tfjobs.storage.tfrecord import COMPRESSION
 
@@ -54,7 +58,21 @@ STALL_TIMEOUT_S = 600
 
 
 def manifest_columns(manifest: dict) -> list[Column]:
-    return [Column(c["name"], c["dtype"]) for c in manifest["columns"]]
+    return [Column(c["name"], c["dtype"], c.get("document", False)) for c in manifest["columns"]]
+
+
+def record_parser(columns: list[Column], record_format: str = EXAMPLE):
+    """``parse(records)``: a batch of serialized records -> one 1-D tensor per column, as the manifest's
+    ``record_format`` stores them (a ``SequenceExample``'s documents come back as text)."""
+    import tensorflow as tf
+
+    if record_format == SEQUENCE_EXAMPLE:
+        return lambda records: parse_sequence_examples(records, columns)
+    if record_format != EXAMPLE:
+        raise ValueError(f"Shards of record format {record_format!r}: this reader knows {EXAMPLE!r} and "
+                         f"{SEQUENCE_EXAMPLE!r}")
+    features = parse_features(columns)
+    return lambda records: tf.io.parse_example(records, features)
 
 
 class ChecksumMismatchError(IOError):
@@ -82,6 +100,7 @@ class ShardSet:
         self.shards = self.manifest["splits"][split]["shards"]
         self.records = self.manifest["splits"][split]["records"]
         self.columns = manifest_columns(self.manifest)
+        self.parse = record_parser(self.columns, self.manifest.get("record_format", EXAMPLE))
         base = manifest_uri.rsplit("/", 1)[0]
         self.uris = [join(base, shard["file"]) for shard in self.shards]
         self.store = store_for(manifest_uri)
@@ -291,12 +310,11 @@ def raw_batches(shards: ShardSet, batch_size: int):
 
     if not shards.uris:
         raise ValueError(f"No shard files in split {shards.split!r} of {shards.manifest_uri}")
-    features = parse_features(shards.columns)
     return (
         shards.record_blocks()
         .rebatch(batch_size)
         .apply(tf.data.experimental.assert_cardinality(-(-shards.records // batch_size)))
-        .map(lambda batch: tf.io.parse_example(batch, features), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(shards.parse, num_parallel_calls=tf.data.AUTOTUNE)
     )
 
 
@@ -330,10 +348,9 @@ def training_batches(
     if not shards.uris:
         raise ValueError(f"No shard files in split {shards.split!r} of {shards.manifest_uri}")
     window = batch_size * max(1, -(-shuffle_rows // batch_size))
-    features = parse_features(shards.columns)
 
     def parse_and_preprocess(records):
-        batch = tf.io.parse_example(records, features)
+        batch = shards.parse(records)
         target = batch.pop(label)
         # call(), not __call__: under another Keras backend (KERAS_BACKEND=jax), __call__ would
         # convert these graph tensors to that backend's arrays; the preprocessing is TensorFlow.

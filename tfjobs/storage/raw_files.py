@@ -13,7 +13,6 @@ feature kinds clean both alike.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,20 +32,12 @@ def raw_format(path: Path) -> str:
     raise ValueError(f"{path.name} is not a raw data file ({sorted(RAW_FILES.values())})")
 
 
-def count_rows(path: Path) -> tuple[int, list[str]]:
-    """Rows and column names of a raw file."""
-    if raw_format(path) == "parquet":
-        import pyarrow.parquet as pq
+def parquet_rows(path: Path) -> tuple[int, list[str]]:
+    """Rows and column names of a Parquet raw file."""
+    import pyarrow.parquet as pq
 
-        metadata = pq.ParquetFile(path).metadata
-        return metadata.num_rows, list(metadata.schema.to_arrow_schema().names)
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"The fetched CSV is empty (no header row): {path.name}")
-        rows = sum(1 for _ in reader)
-    return rows, header
+    metadata = pq.ParquetFile(path).metadata
+    return metadata.num_rows, list(metadata.schema.to_arrow_schema().names)
 
 
 def write_parquet(batches: Iterable, path: Path, schema) -> int:
