@@ -230,6 +230,11 @@ def parse_spec(raw: Any) -> PipelineSpec:
     if not isinstance(raw, dict):
         raise SpecError("a spec must be a mapping at the top level")
     raw = dict(raw)
+    # First: a misspelt field ("lable") is named as such, not reported as the required one missing.
+    known = {f.name for f in dataclasses.fields(PipelineSpec)}
+    unknown = set(raw) - known
+    if unknown:
+        raise SpecError(f"unknown top-level fields {sorted(unknown)}; known fields: {sorted(known)}")
     name = _required(raw, "name", str)
     features_raw = _required(raw, "features", dict)
     features = tuple(_parse_feature(fname, fraw) for fname, fraw in features_raw.items())
@@ -269,7 +274,7 @@ def parse_spec(raw: Any) -> PipelineSpec:
     known_model_fields = {f.name for f in dataclasses.fields(ModelSpec)} - {"options"}
     model_raw["options"] = {k: model_raw.pop(k) for k in list(model_raw) if k not in known_model_fields}
     na_values = tuple(str(v) for v in raw.get("na_values", PipelineSpec.na_values))
-    spec = PipelineSpec(
+    return PipelineSpec(
         name=name,
         description=str(raw.get("description", "")),
         source=source,
@@ -285,11 +290,6 @@ def parse_spec(raw: Any) -> PipelineSpec:
         evaluation=_build(EvaluationSpec, raw.get("evaluation") or {}, "evaluation"),
         serving_name=str(raw.get("serving_name", "")),
     )
-    known = {f.name for f in dataclasses.fields(PipelineSpec)}
-    unknown = set(raw) - known
-    if unknown:
-        raise SpecError(f"unknown top-level fields {sorted(unknown)}; known fields: {sorted(known)}")
-    return spec
 
 
 def _parse_feature(name: str, raw: Any) -> Feature:
