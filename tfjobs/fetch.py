@@ -156,7 +156,7 @@ def fetch_dataset(
         if previous and previous.get("sha256") == digest:
             log.info("Raw data for %s at %s is unchanged (sha256 %s); nothing rewritten", spec.name, output_uri, digest)
             return _result(output_uri, previous, rewritten=False)
-        rows, columns = _count_rows(local)
+        rows, columns = _count_rows(local, description)
         store = store_for(output_uri)
         store.delete(manifest_uri)
         store.upload(local, join(output_uri, DATA_FILE))
@@ -408,14 +408,53 @@ def _fetch_tfds(source: SourceSpec, target: Path) -> str:
     return f"tfds:{source.name}/{source.split}"
 
 
-def _count_rows(path: Path) -> tuple[int, list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"The fetched CSV is empty (no header row): {path.name}")
-        rows = sum(1 for _ in reader)
+def _count_rows(path: Path, source: str) -> tuple[int, list[str]]:
+    """The number of rows (blank lines aside, as pandas reads them) and the header of the fetched CSV.
+
+    A file that is not UTF-8 CSV text, whose header names a column twice or whose rows do not have
+    the header's number of fields fails naming the source and the line: pandas would fill a short row
+    with empty values, and the pipeline would take a shifted row for a valid one.
+    """
+    line = 1  # where the row being read starts
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, strict=True)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"The CSV from {source} is empty (no header row)")
+            rows = 0
+            line = reader.line_num + 1
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise ValueError(f"Line {line} of the CSV from {source} has {len(row)} fields, its header "
+                                     f"{len(header)}. A value that holds a comma needs quotes; a quote needs its pair.")
+                rows += bool(row)
+                line = reader.line_num + 1
+    except UnicodeDecodeError:
+        raise ValueError(_not_text(path, source)) from None
+    except csv.Error as err:
+        hint = " (a quote opened there never closes)" if "end of data" in str(err) else ""
+        raise ValueError(f"Cannot read the CSV from {source} at line {line}: {err}{hint}") from None
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ValueError(f"The header of the CSV from {source} names {repeated} more than once: which column is meant "
+                         f"is ambiguous. Rename or drop the repeated columns at the source.")
     return rows, header
+
+
+def _not_text(path: Path, source: str) -> str:
+    """Why a fetched file does not decode: compressed, or the line and byte that is not UTF-8."""
+    with open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            return f"The file from {source} is gzip-compressed, not CSV text: deliver it uncompressed"
+        f.seek(0)
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return (f"The file from {source} is not UTF-8 text: line {number} has the byte "
+                        f"0x{line[err.start]:02x} ({err.reason}); binary data, or text in another encoding")
+    return f"The file from {source} is not UTF-8 text"
 
 
 def _version(package: str) -> str:
