@@ -289,7 +289,9 @@ def _copy_uri(uri: str, target: Path, auth: SourceAuth | None) -> str:
             with _open_http(uri, auth) as response, open(target, "wb") as out:
                 shutil.copyfileobj(response, out)
         except OSError as err:  # URLError and HTTPError are OSErrors
-            raise OSError(f"Could not download {redact(uri)}: {err}") from None
+            # A 404 or 410 fails the task for good: unlike a 5xx or a dropped connection, a retry cannot help.
+            gone = isinstance(err, urllib.error.HTTPError) and err.code in (404, 410)
+            raise (SourceNotFoundError if gone else OSError)(f"Could not download {redact(uri)}: {err}") from None
         return redact(uri)
     with local_copy(uri) as path:
         shutil.copyfile(path, target)
