@@ -7,9 +7,11 @@ the file) and writes to ``validated/<dataset>/<partition>/``:
   (:mod:`tfjobs.features`: stripped of surrounding whitespace, NA tokens made the
   kind's missing value, numbers parsed);
 - ``quarantine.csv``: every rejected row as it was, with its CSV line and the reason;
-- ``report.json`` (written last): counts, reasons, missing values per column.
+- ``report.json`` (written last): counts, reasons, missing values per column, the label's classes.
 
-A missing required column fails the step with an error that names the column.
+A missing required column fails the step with an error that names the column, and so
+do valid rows of a classification task that hold a single class (a model trained on
+them would learn nothing, and pass its evaluation on a test split of that class).
 A row is quarantined when its label is missing or not a known class, when its
 feature's kind rejects a value (a number that does not parse, ...), or when a value
 is missing and the feature's policy is ``quarantine``. The served model cleans raw
@@ -64,6 +66,10 @@ class TooManyQuarantinedError(ValueError):
     """More rows were quarantined than the spec's ``max_quarantine_fraction`` allows."""
 
 
+class TooFewClassesError(ValueError):
+    """The valid rows of a classification task hold fewer than two classes."""
+
+
 @dataclass(frozen=True)
 class ValidateResult:
     data_uri: str
@@ -103,6 +109,7 @@ def validate_dataset(spec: PipelineSpec, raw_uri: str, output_uri: str) -> Valid
             **counts,
         }
     _check_quarantine_share(spec, report, join(output_uri, QUARANTINE_FILE))
+    _check_classes(spec, report, raw_uri)
     write_json(report_uri, report)
     log.info(
         "Validated %d rows of %s: %d valid, %d quarantined %s",
@@ -138,6 +145,7 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
     schema = arrow_schema(spec)
     reasons: collections.Counter[str] = collections.Counter()
     missing: collections.Counter[str] = collections.Counter()
+    classes: collections.Counter[str] = collections.Counter()
     rows_in = rows_valid = rows_quarantined = 0
     na_values = set(spec.na_values)
     reader = pd.read_csv(raw_path, dtype=str, keep_default_na=False, chunksize=CHUNK_ROWS)
@@ -163,6 +171,8 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
                 rows_quarantined += int(bad.sum())
             good = {name: values[~bad] for name, values in typed.items()}
             rows_valid += int((~bad).sum())
+            if spec.label.task == "classification":
+                classes.update(good[spec.label.name])
             if len(good[spec.label.name]):
                 writer.write_table(pa.table(good, schema=schema), row_group_size=ROW_GROUP_ROWS)
         if rows_in == 0:
@@ -176,6 +186,7 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
         "reasons": dict(sorted(reasons.items())),
         "missing_values": {name: missing[name] for name in spec.columns if missing[name]},
         "ignored_columns": extra,
+        "label_classes": dict(sorted(classes.items())),
     }
 
 
@@ -244,6 +255,16 @@ def _check_quarantine_share(spec: PipelineSpec, report: dict, quarantine_uri: st
             f"{report['rows_quarantined']} of {report['rows_in']} rows ({share:.1%}) were quarantined, more than "
             f"the spec's max_quarantine_fraction {spec.max_quarantine_fraction:.1%}. Most common reasons: {common}. "
             f"The rows and their reasons are in {quarantine_uri}."
+        )
+
+
+def _check_classes(spec: PipelineSpec, report: dict, source: str) -> None:
+    classes = report["label_classes"]
+    if spec.label.task == "classification" and len(classes) < 2:
+        raise TooFewClassesError(
+            f"All {report['rows_valid']} valid rows of {source} are of one class, {spec.label.name} "
+            f"{next(iter(classes))!r}: a classifier learns nothing from one class. The spec's classes are "
+            f"{list(spec.label.classes)}; check the source (an export filtered by the label?) or the label column."
         )
 
 
