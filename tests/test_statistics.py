@@ -21,7 +21,7 @@ def deliver(store: Path, partition: str, sizes, colours) -> str:
     """A raw partition as the fetch step leaves it, validated; the validated prefix."""
     raw = store / "raw" / "tiny" / partition
     raw.mkdir(parents=True)
-    frame = pd.DataFrame({"size": sizes, "colour": colours, "batch": 7, "kind": "a"})
+    frame = pd.DataFrame({"size": sizes, "colour": colours, "batch": 7, "kind": ["a", "b"] * (len(sizes) // 2)})
     frame.to_csv(raw / "data.csv", index=False)
     write_json(str(raw / "manifest.json"), {"file": "data.csv", "sha256": partition, "rows": len(frame)})
     validated = store / "validated" / "tiny" / partition

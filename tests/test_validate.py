@@ -62,7 +62,7 @@ def test_bad_rows_are_quarantined_with_reasons_and_counted(tmp_path):
 def test_quarantine_policy_rejects_missing_values(tmp_path):
     spec = tiny_spec(features={"size": {"kind": "numeric", "missing": "quarantine"},
                                "colour": {"kind": "categorical"}, "batch": {"kind": "integer_categorical"}})
-    result = validate_csv(tmp_path, "size,colour,batch,kind\n,red,1,a\n1,red,1,a\n", spec)
+    result = validate_csv(tmp_path, "size,colour,batch,kind\n,red,1,a\n1,red,1,a\n2,blue,2,b\n", spec)
     assert result.reasons == {"size: missing value (policy: quarantine)": 1}
 
 
@@ -72,7 +72,7 @@ def test_too_many_quarantined_rows_fail_the_step(tmp_path):
 
 
 def test_revalidating_unchanged_input_rewrites_nothing(tmp_path):
-    first = validate_csv(tmp_path, "size,colour,batch,kind\n1,red,1,a\n")
+    first = validate_csv(tmp_path, "size,colour,batch,kind\n1,red,1,a\n2,blue,2,b\n")
     second = validate_dataset(tiny_spec(), str(tmp_path / "store/raw"), str(tmp_path / "store/validated"))
     assert (first.rewritten, second.rewritten) == (True, False)
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import codecs
 import contextlib
 import contextvars
 import csv
@@ -58,9 +59,9 @@ import os
 import shutil
 import time
 import urllib.error
-import zipfile
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,7 +179,7 @@ def fetch_dataset(
         if previous and previous.get("sha256") == digest:
             log.info("Raw data for %s at %s is unchanged (sha256 %s); nothing rewritten", spec.name, output_uri, digest)
             return _result(output_uri, previous, rewritten=False)
-        rows, columns = _count_rows(local, source)
+        rows, columns = _count_rows(local, source, description)
         store = store_for(output_uri)
         store.delete(manifest_uri)
         store.upload(local, join(output_uri, local.name))
@@ -316,7 +317,9 @@ def _copy_uri(uri: str, target: Path, auth: SourceAuth | None) -> str:
             with _open_http(uri, auth) as response, open(target, "wb") as out:
                 shutil.copyfileobj(response, out)
         except OSError as err:  # URLError and HTTPError are OSErrors
-            raise OSError(f"Could not download {redact(uri)}: {err}") from None
+            # A 404 or 410 fails the task for good: unlike a 5xx or a dropped connection, a retry cannot help.
+            gone = isinstance(err, urllib.error.HTTPError) and err.code in (404, 410)
+            raise (SourceNotFoundError if gone else OSError)(f"Could not download {redact(uri)}: {err}") from None
         return redact(uri)
     with local_copy(uri) as path:
         shutil.copyfile(path, target)
@@ -534,20 +537,59 @@ def _unpack(source: SourceSpec, path: Path, description: str) -> str:
     return f"{description}!{source.archive_member}"
 
 
-def _count_rows(path: Path, source: SourceSpec) -> tuple[int, list[str]]:
-    """Rows (blank lines are none, as for the validate step's reader) and the columns, as the source lays them out.
+def _count_rows(path: Path, source: SourceSpec, description: str) -> tuple[int, list[str]]:
+    """Rows (blank lines are none, as for the validate step's reader) and the columns, as the source lays
+    them out (delimiter, quoting, header or ``column_names``, encoding).
 
-    Bytes that do not decode are counted like any others: their row is the validate step's to quarantine.
+    Bytes that do not decode in the source's encoding are counted like any others: their row is the
+    validate step's to quarantine. A file that is not text at all (compressed, binary), whose header
+    names a column twice or whose rows do not have the header's number of fields fails naming the source
+    and the line: pandas would fill a short row with empty values, and the pipeline would take a shifted
+    row for a valid one.
     """
     if raw_format(path) == "parquet":
         return parquet_rows(path)
-    with open(path, newline="", encoding=source.encoding, errors="surrogateescape") as f:
-        reader = csv.reader(f, **source.csv_dialect())
-        header = next(reader, None) if source.header else None
-        if source.header and header is None:
-            raise ValueError(f"The fetched CSV is empty (no header row): {path.name}")
-        rows = sum(1 for row in reader if row)
-    return rows, source.columns_of(header)
+    _refuse_binary(path, description)
+    # utf-8-sig: a byte-order mark is not part of the first column's name.
+    encoding = "utf-8-sig" if codecs.lookup(source.encoding).name == "utf-8" else source.encoding
+    line = 1  # where the row being read starts
+    try:
+        with open(path, newline="", encoding=encoding, errors="surrogateescape") as f:
+            reader = csv.reader(f, strict=True, **source.csv_dialect())
+            header = next(reader, None) if source.header else None
+            if source.header and header is None:
+                raise ValueError(f"The CSV from {description} is empty (no header row)")
+            columns = source.columns_of(header)
+            rows = 0
+            line = reader.line_num + 1
+            for row in reader:
+                if row and len(row) != len(columns):
+                    raise ValueError(
+                        f"Line {line} of the CSV from {description} has {len(row)} fields, "
+                        f"{'its header' if source.header else 'source.column_names'} {len(columns)}. A value that "
+                        f"holds the delimiter ({source.delimiter!r}) needs quotes; a quote needs its pair.")
+                rows += bool(row)
+                line = reader.line_num + 1
+    except csv.Error as err:
+        hint = " (a quote opened there never closes)" if "end of data" in str(err) else ""
+        raise ValueError(f"Cannot read the CSV from {description} at line {line}: {err}{hint}") from None
+    repeated = sorted({name for name in columns if columns.count(name) > 1})
+    if repeated:
+        raise ValueError(f"The header of the CSV from {description} names {repeated} more than once: which column "
+                         f"is meant is ambiguous. Rename or drop the repeated columns at the source.")
+    return rows, columns
+
+
+def _refuse_binary(path: Path, description: str) -> None:
+    """Fail when the fetched file is not text: gzip-compressed, or binary (a NUL byte in its first 64 KiB)."""
+    with open(path, "rb") as f:
+        start = f.read(1 << 16)
+    if start[:2] == b"\x1f\x8b":
+        raise ValueError(f"The file from {description} is gzip-compressed, not CSV text: deliver it uncompressed")
+    if b"\0" in start:
+        at = start.index(b"\0")
+        line = start[:at].count(b"\n") + 1
+        raise ValueError(f"The file from {description} is binary, not CSV text: line {line} has a NUL byte")
 
 
 def _version(package: str) -> str:

@@ -376,6 +376,11 @@ def parse_spec(raw: Any) -> PipelineSpec:
     if not isinstance(raw, dict):
         raise SpecError("a spec must be a mapping at the top level")
     raw = dict(raw)
+    # First: a misspelt field ("lable") is named as such, not reported as the required one missing.
+    known = {f.name for f in dataclasses.fields(PipelineSpec)}
+    unknown = set(raw) - known
+    if unknown:
+        raise SpecError(f"unknown top-level fields {sorted(unknown)}; known fields: {sorted(known)}")
     name = _required(raw, "name", str)
     features_raw = _required(raw, "features", dict)
     features = tuple(_parse_feature(fname, fraw) for fname, fraw in features_raw.items())
@@ -452,10 +457,6 @@ def parse_spec(raw: Any) -> PipelineSpec:
         raise SpecError(f"scoring.key names the label {label.name!r}: a delivery to score has no label")
     if raw.get("tuning") is not None:
         spec = dataclasses.replace(spec, tuning=_parse_tuning(raw["tuning"], spec))
-    known = {f.name for f in dataclasses.fields(PipelineSpec)}
-    unknown = set(raw) - known
-    if unknown:
-        raise SpecError(f"unknown top-level fields {sorted(unknown)}; known fields: {sorted(known)}")
     return spec
 
 

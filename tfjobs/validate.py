@@ -11,9 +11,11 @@ header or ``column_names``, encoding: :func:`read_csv_arguments`), and writes to
   kind's missing value, numbers parsed);
 - ``quarantine.csv``: every rejected row as it was, with its CSV line (a Parquet file's row
   number) and the reason; a binary value shows as its size and first bytes;
-- ``report.json`` (written last): counts, reasons, missing values per column.
+- ``report.json`` (written last): counts, reasons, missing values per column, the label's classes.
 
-A missing required column fails the step with an error that names the column.
+A missing required column fails the step with an error that names the column, and so
+do valid rows of a classification task that hold a single class (a model trained on
+them would learn nothing, and pass its evaluation on a test split of that class).
 A row is quarantined when a value's bytes are not valid in the source's encoding
 (they are read as surrogates, ``errors="surrogateescape"``, and written back to
 ``quarantine.csv`` as delivered), when its label is missing or not a known class, when its
@@ -79,6 +81,10 @@ class TooManyQuarantinedError(ValueError):
     """More rows were quarantined than the spec's ``max_quarantine_fraction`` allows."""
 
 
+class TooFewClassesError(ValueError):
+    """The valid rows of a classification task hold fewer than two classes."""
+
+
 @dataclass(frozen=True)
 class ValidateResult:
     data_uri: str
@@ -123,6 +129,8 @@ def validate_dataset(spec: PipelineSpec, raw_uri: str, output_uri: str, *, label
         if not label_required:
             report.update(label_required=False, key=list(spec.scoring.key))
     _check_quarantine_share(spec, report, join(output_uri, QUARANTINE_FILE))
+    if label_required:
+        _check_classes(spec, report, raw_uri)
     write_json(report_uri, report)
     log.info(
         "Validated %d rows of %s: %d valid, %d quarantined %s",
@@ -206,6 +214,7 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
     kept = required_columns(spec, label_required)
     reasons: collections.Counter[str] = collections.Counter()
     missing: collections.Counter[str] = collections.Counter()
+    classes: collections.Counter[str] = collections.Counter()
     rows_in = rows_valid = rows_quarantined = 0
     na_values = set(spec.na_values)
     reader, first_line = _raw_chunks(raw_path, raw_format, spec.source)
@@ -239,6 +248,8 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
                 rows_quarantined += int(bad.sum())
             good = {name: values[~bad] for name, values in typed.items()}
             rows_valid += int((~bad).sum())
+            if label_required and spec.label.task == "classification":
+                classes.update(good[spec.label.name])
             if (~bad).any():
                 writer.write_table(pa.table(good, schema=schema), row_group_size=ROW_GROUP_ROWS)
         if rows_in == 0:
@@ -252,6 +263,7 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
         "reasons": dict(sorted(reasons.items())),
         "missing_values": {name: missing[name] for name in spec.columns if missing[name]},
         "ignored_columns": extra,
+        "label_classes": dict(sorted(classes.items())),
     }
 
 
@@ -354,6 +366,16 @@ def _check_quarantine_share(spec: PipelineSpec, report: dict, quarantine_uri: st
             f"{report['rows_quarantined']} of {report['rows_in']} rows ({share:.1%}) were quarantined, more than "
             f"the spec's max_quarantine_fraction {spec.max_quarantine_fraction:.1%}. Most common reasons: {common}. "
             f"The rows and their reasons are in {quarantine_uri}."
+        )
+
+
+def _check_classes(spec: PipelineSpec, report: dict, source: str) -> None:
+    classes = report["label_classes"]
+    if spec.label.task == "classification" and len(classes) < 2:
+        raise TooFewClassesError(
+            f"All {report['rows_valid']} valid rows of {source} are of one class, {spec.label.name} "
+            f"{next(iter(classes))!r}: a classifier learns nothing from one class. The spec's classes are "
+            f"{list(spec.label.classes)}; check the source (an export filtered by the label?) or the label column."
         )
 
 

@@ -53,9 +53,12 @@ class IntegerCategorical(Categorical):
         parsed = pd.to_numeric(values.where(~missing), errors="coerce").astype("float64").to_numpy()
         unparseable = ~missing & ~np.isfinite(parsed)
         fractional = ~missing & ~unparseable & (parsed != np.round(parsed))
-        ids = np.where(missing | unparseable | fractional, MISSING_INTEGER, np.nan_to_num(parsed)).astype(np.int64)
+        too_large = ~missing & ~unparseable & (np.abs(parsed) >= 2.0**63)  # would wrap around in int64
+        rejected = missing | unparseable | fractional | too_large
+        ids = np.where(rejected, MISSING_INTEGER, np.nan_to_num(parsed)).astype(np.int64)
         return Cleaned(ids, missing, [(unparseable, "cannot parse {value} as a number"),
-                                      (fractional, "{value} is not an integer")])
+                                      (fractional, "{value} is not an integer"),
+                                      (too_large, "{value} is not a 64-bit integer")])
 
     def parse_text(self, text, na_values):
         import tensorflow as tf

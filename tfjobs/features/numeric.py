@@ -123,9 +123,13 @@ class Numeric(Feature):
 
         values, missing = strip_and_mark_missing(raw, na_values)
         parsed = pd.to_numeric(values.where(~missing), errors="coerce").astype("float64").to_numpy()
-        unparseable = ~missing & ~np.isfinite(parsed)
-        cleaned = Cleaned(np.where(unparseable, np.nan, parsed).astype(np.float32), missing)
+        unparseable = ~missing & np.isnan(parsed)
+        with np.errstate(over="ignore"):  # 1e39 is a float64, and infinite as the float32 stored
+            stored = parsed.astype(np.float32)
+        infinite = ~missing & ~unparseable & ~np.isfinite(stored)
+        cleaned = Cleaned(np.where(unparseable | infinite, np.nan, stored), missing)
         cleaned.rejected.append((unparseable, "cannot parse {value} as a number"))
+        cleaned.rejected.append((infinite, "{value} is not a finite float32"))
         return cleaned
 
     def parse_text(self, text, na_values):
