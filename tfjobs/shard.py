@@ -49,8 +49,8 @@ from tfjobs import cli
 from tfjobs.storage.examples import DISTINCT_VALUE_BYTES, Column, encode_rows
 from tfjobs.storage.sequence_examples import SEQUENCE_EXAMPLE, encode_framed_sequence_examples, record_format
 from tfjobs.spec import SPLITS, PipelineSpec, load_spec
-from tfjobs.storage.store import join, local_copy, read_json, read_json_if_exists, staging_dir, store_for
-from tfjobs.storage.store import write_json
+from tfjobs.storage.store import holding_staging_dir, join, local_copy, read_json, read_json_if_exists, staging_dir
+from tfjobs.storage.store import store_for, write_json
 from tfjobs.storage.tfrecord import COMPRESSION, FramedRecords, TFRecordFileWriter, frame_in_chunks, gzip_level
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,8 @@ def _result(manifest_uri: str, manifest: dict, rewritten: bool) -> ShardResult:
 
 
 def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path, processes: int) -> dict:
-    """Write every shard; with several processes, each takes a contiguous run of Parquet row groups.
+    """Write every shard into the staging directory ``out_dir``; with several processes, each takes a
+    contiguous run of Parquet row groups.
 
     Each process writes its part of every shard; the parts are then joined in row
     group order. Every row group's records of a shard form their own gzip member, so
@@ -247,9 +248,14 @@ def _join_parts(path: Path, suffixes: list[str], writer: TFRecordFileWriter) -> 
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def _count_row_groups_written(*args) -> list[int]:
-    """``_write_row_groups`` in a worker process: the records written to each shard's part."""
-    return [writer.records for writer in _write_row_groups(*args)]
+def _count_row_groups_written(spec: PipelineSpec, parquet_path: str, out_dir: str, *args) -> list[int]:
+    """``_write_row_groups`` in a worker process: the records written to each shard's part.
+
+    The worker holds the staging directory's lock while it writes: if the job is killed and the
+    worker goes on a while, the directory is not reclaimed under it, but as soon as it exits.
+    """
+    with holding_staging_dir(out_dir):
+        return [writer.records for writer in _write_row_groups(spec, parquet_path, out_dir, *args)]
 
 
 def _write_row_groups(spec: PipelineSpec, parquet_path: str, out_dir: str, row_groups: range,

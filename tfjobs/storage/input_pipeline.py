@@ -32,7 +32,6 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -42,7 +41,7 @@ import numpy as np
 
 from tfjobs.storage.examples import Column, parse_features
 from tfjobs.storage.sequence_examples import EXAMPLE, SEQUENCE_EXAMPLE, parse_sequence_examples
-from tfjobs.storage.store import join, read_json, store_for
+from tfjobs.storage.store import STAGING_PREFIX, StagingDir, join, read_json, store_for
 from tfjobs.storage.tfrecord import COMPRESSION
 
 log = logging.getLogger(__name__)
@@ -123,7 +122,7 @@ class ShardSet:
                 cache_limit_bytes = FILES_PER_CYCLE * self.cycle * largest
         self.cache_limit_bytes = cache_limit_bytes
         self.workers = workers
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._tmp: StagingDir | None = None
         self._paths: list[str] = []
         self._stream: ShardStream | None = None
 
@@ -131,14 +130,14 @@ class ShardSet:
         if self.mode == "local":
             self._paths = [str(self.store.local_path(uri)) for uri in self.uris]
             return self
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"shardline-{self.split}-")
+        self._tmp = StagingDir(prefix=f"{STAGING_PREFIX}{self.split}-")
         if self.mode == "stage":
-            self._paths = [str(Path(self._tmp.name) / f"{i:05d}.tfrecord.gz") for i in range(len(self.uris))]
+            self._paths = [str(self._tmp.path / f"{i:05d}.tfrecord.gz") for i in range(len(self.uris))]
             with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
                 list(pool.map(self._download, range(len(self.uris)), self._paths))
             log.info("Staged %d %s shards from %s", len(self._paths), self.split, self.manifest_uri)
         else:
-            self._stream = ShardStream(self, Path(self._tmp.name))
+            self._stream = ShardStream(self, self._tmp.path)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,8 +7,9 @@ same job run against a laptop directory or a bucket.
 
 TensorFlow reads and writes local files only (TF 2.21 has no ``s3://`` support),
 so the interface is built around moving whole files: jobs write into a local
-staging directory and :meth:`ObjectStore.publish_dir` puts the result on the store;
-they read through :func:`local_copy`.
+staging directory (:func:`staging_dir`; one left by a killed job is reclaimed by the
+next) and :meth:`ObjectStore.publish_dir` puts the result on the store; they read
+through :func:`local_copy`.
 
 A directory that appears on the store before it is complete is read by whoever
 watches the parent: TF Serving loads any child whose name is an integer, without
@@ -25,6 +26,7 @@ finished one, on either backend.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 PUBLISH_CONCURRENCY = 8
+STAGING_PREFIX = "shardline-"  # local staging directories: <temp folder>/shardline-<random>, see StagingDir
+_LOCK_SUFFIX = ".lock"
 
 
 class ObjectStore(ABC):
@@ -328,8 +332,8 @@ def local_copy(uri: str) -> Iterator[Path]:
             raise FileNotFoundError(f"{uri} does not exist")
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="shardline-") as tmp:
-        target = Path(tmp) / basename(uri)
+    with staging_dir() as tmp:
+        target = tmp / basename(uri)
         store.download(uri, target)
         yield target
 
@@ -342,19 +346,112 @@ def local_dir_copy(prefix: str) -> Iterator[Path]:
     if path is not None:
         yield path
         return
-    with tempfile.TemporaryDirectory(prefix="shardline-") as tmp:
+    with staging_dir() as tmp:
         for uri in store.list(prefix):
-            target = Path(tmp) / uri[len(prefix.rstrip("/")) + 1 :]
+            target = tmp / uri[len(prefix.rstrip("/")) + 1 :]
             target.parent.mkdir(parents=True, exist_ok=True)
             store.download(uri, target)
-        yield Path(tmp)
+        yield tmp
 
 
 @contextlib.contextmanager
-def staging_dir() -> Iterator[Path]:
-    """A scratch directory on local disk, removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="shardline-") as tmp:
-        yield Path(tmp)
+def staging_dir(prefix: str = STAGING_PREFIX) -> Iterator[Path]:
+    """A scratch directory on local disk, removed afterwards (or by the next one, if its owner is killed)."""
+    staging = StagingDir(prefix)
+    try:
+        yield staging.path
+    finally:
+        staging.cleanup()
+
+
+class StagingDir:
+    """A scratch directory in the temp folder that outlives no process using it.
+
+    A job killed with SIGKILL (the OOM killer, a pre-empted node) runs no cleanup, and its
+    directory (tens of MiB of shards) would stay in the temp folder for good. So each
+    directory ``shardline-<random>`` comes with a sibling ``shardline-<random>.lock`` that its
+    owner holds a shared ``flock`` on for the directory's life; the kernel drops the lock
+    when the owner dies, however it dies, and pid reuse cannot fake it. Creating a staging
+    directory first reclaims every one whose lock nobody holds (:func:`reclaim_staging_dirs`).
+    Other processes that write into the directory (the shard step's workers) hold the
+    lock too (:func:`holding_staging_dir`), so it is not reclaimed under them.
+    The lock sits beside the directory, not in it: a staged directory is published whole.
+    """
+
+    def __init__(self, prefix: str = STAGING_PREFIX, root: str | Path | None = None) -> None:
+        root = Path(root or tempfile.gettempdir())
+        reclaim_staging_dirs(root)
+        while True:
+            fd, lock_path = tempfile.mkstemp(prefix=prefix, suffix=_LOCK_SUFFIX, dir=root)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            path = Path(lock_path[: -len(_LOCK_SUFFIX)])
+            # Between mkstemp and flock, a reclaimer may have taken the unheld lock and unlinked it.
+            if _still_linked(fd, lock_path):
+                with contextlib.suppress(FileExistsError):
+                    path.mkdir(mode=0o700)
+                    break
+                os.unlink(lock_path)
+            os.close(fd)
+        self.path, self._lock_path, self._fd = path, Path(lock_path), fd
+
+    def cleanup(self) -> None:
+        if self._fd < 0:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            self._lock_path.unlink()
+        os.close(self._fd)
+        self._fd = -1
+
+
+def reclaim_staging_dirs(root: str | Path | None = None) -> list[Path]:
+    """Remove the staging directories under ``root`` (the temp folder) whose owners are gone.
+
+    Only directories with a ``.lock`` sibling are candidates (other ``shardline-*`` folders,
+    and those of a live process, are left alone). Returns the directories removed.
+    """
+    removed = []
+    for lock_path in sorted(Path(root or tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*{_LOCK_SUFFIX}")):
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _still_linked(fd, lock_path):  # another reclaimer was first
+                continue
+            path = lock_path.with_name(lock_path.name[: -len(_LOCK_SUFFIX)])
+            shutil.rmtree(path, ignore_errors=True)
+            lock_path.unlink()
+            removed.append(path)
+            log.info("Removed the staging directory %s: the process that made it is gone", path)
+        except BlockingIOError:  # held: its owner is alive
+            pass
+        finally:
+            os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def holding_staging_dir(path: str | Path) -> Iterator[Path]:
+    """Hold the lock of the staging directory ``path`` (made by another process) while the block writes into it."""
+    lock_path = f"{Path(path)}{_LOCK_SUFFIX}"
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        if not _still_linked(fd, lock_path):
+            raise FileNotFoundError(f"The staging directory {path} was reclaimed: the process that made it is gone")
+        yield Path(path)
+    finally:
+        os.close(fd)
+
+
+def _still_linked(fd: int, path: str | Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def sha256_file(path: str | Path) -> str:
