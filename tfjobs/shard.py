@@ -38,6 +38,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,7 +197,8 @@ def _write_shards(spec: PipelineSpec, parquet_path: Path, out_dir: Path, process
     else:
         # fork is fast, but not safe once TensorFlow's threads exist in this process: then spawn.
         context = multiprocessing.get_context("spawn" if "tensorflow" in sys.modules else "fork")
-        pool = concurrent.futures.ProcessPoolExecutor(len(jobs) - 1, mp_context=context)
+        pool = concurrent.futures.ProcessPoolExecutor(len(jobs) - 1, mp_context=context,
+                                                      initializer=die_with_parent, initargs=(os.getpid(),))
         try:
             others = pool.map(_count_row_groups_written, *zip(*jobs[1:]))
             writers = _write_row_groups(*jobs[0])  # the first run in this process, meanwhile
@@ -363,6 +365,24 @@ def framed_records(columns: list[Column], values: dict, order: np.ndarray) -> Fr
         ends = np.cumsum(lengths)
         return FramedRecords([data], np.zeros(len(lengths), np.int64), ends - lengths, ends)
     return frame_in_chunks(encode_rows(columns, values), order)
+
+
+def die_with_parent(parent: int) -> None:
+    """A worker's initializer: the kernel kills the worker when the job's process dies (Linux).
+
+    A job killed with SIGKILL cannot stop its pool, and its workers would wait for work for good
+    (measured: an orphaned worker of a killed shard run still held its 7.5 MB staging directory
+    and its memory after minutes).
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: no such call
+        return
+    if os.getppid() != parent:  # the job died before the call
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def reuse_freed_memory() -> None:
