@@ -15,17 +15,22 @@ OCEAN = ["<1H OCEAN", "INLAND", "NEAR OCEAN", "NEAR BAY", "ISLAND"]
 
 
 def housing_spec(shards: dict[str, int] | None = None, extra_features: dict | None = None) -> PipelineSpec:
+    return parse_spec(housing_spec_fields(shards, extra_features))
+
+
+def housing_spec_fields(shards: dict[str, int] | None = None, extra_features: dict | None = None) -> dict:
+    """The spec's fields, as a spec file holds them."""
     features = {name: {"kind": "numeric"} for name in NUMERIC}
     features["ocean_proximity"] = {"kind": "categorical", "encoding": "embedding", "embedding_dim": 4}
     features.update(extra_features or {})
-    return parse_spec({
+    return {
         "name": "housing_synthetic",
         "source": {"kind": "csv", "uri": "synthetic"},
         "label": {"name": "median_house_value", "task": "regression", "scaling": "standardize"},
         "features": features,
         "shards": shards or {"train": 16, "eval": 2, "test": 2},
         "model": {"kind": "mlp", "hidden_units": [64, 32]},
-    })
+    }
 
 
 def housing_frame(rows: int, seed: int = 0) -> pd.DataFrame:

@@ -1,0 +1,212 @@
+"""kill -9 anywhere: each step's command line is SIGKILLed at a chosen point, then run again as an Airflow retry would.
+
+Each test runs the step once uninterrupted (the reference), then in a fresh store: starts it,
+kills it (its whole process group, as a pre-empted pod dies) when a given file appears or
+after a share of the reference's wall time, and runs it again. It asserts:
+
+- the kill landed (the step was still running) and left its staging directory behind;
+- while the killed run went, and after it, a reader saw the output complete or not at all:
+  whenever the step's marker (manifest, report, state, ``saved_model.pb``) was there, every
+  file of the reference was there with the reference's bytes;
+- the retry succeeds, and its output is the reference's, file for file, byte for byte (the export's
+  SavedModel files excepted: saving a model twice gives other bytes; its metadata, with the
+  weights' SHA-256, must match);
+- after the retry no ``shardline-*`` staging directory is left in the temp folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from benchmarks.data import housing_frame, housing_spec_fields
+from conftest import ROOT
+from processes import wait_for
+
+ROWS = 300_000  # enough that the shard step's two processes are killed while they write
+
+
+def run_step(step: str, *args: str, temp: Path) -> float:
+    """``python -m tfjobs.<step> args`` with its own temp folder; returns its wall time."""
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", f"tfjobs.{step}", *args, "--log-level", "WARNING"],
+                          env=_env(temp), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return time.monotonic() - start
+
+
+def run_killed(step: str, *args: str, temp: Path, kill_when, reader, whole_group: bool = True) -> int:
+    """Start the step, call ``reader()`` all along, and SIGKILL its process group once ``kill_when()`` is true
+    (with ``whole_group=False``, only the step's own process, as the OOM killer picks one). Returns its pid."""
+    process = subprocess.Popen([sys.executable, "-m", f"tfjobs.{step}", *args, "--log-level", "WARNING"],
+                               env=_env(temp), cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not kill_when():
+            reader()
+            if process.poll() is not None:
+                pytest.fail(f"tfjobs.{step} ended (exit code {process.returncode}) before the kill point: "
+                            f"{process.stderr.read()[-2000:]}")
+            time.sleep(0.002)
+        os.kill(process.pid, signal.SIGKILL) if not whole_group else os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+    reader()
+    return process.pid
+
+
+def _env(temp: Path) -> dict[str, str]:
+    temp.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(temp), "PYTHONPATH": str(ROOT)}
+
+
+def files(root: Path) -> dict[str, str]:
+    """Every file under ``root``: relative path -> SHA-256."""
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def complete_or_absent(output: Path, marker: str, reference: dict[str, str]):
+    """A reader: once ``marker`` is there, the output must be the reference, byte for byte."""
+    def read():
+        if (output / marker).exists():
+            assert files(output) == reference, f"{output / marker} was readable over an incomplete output"
+    return read
+
+
+def appears(folder: Path, pattern: str, size: int = 1):
+    """Whether a file matching ``pattern`` holds ``size`` bytes or more under ``folder``."""
+    return lambda: any(p.stat().st_size >= size for p in folder.glob(pattern))
+
+
+def staged_bytes(temp: Path) -> int:
+    return sum(p.stat().st_size for p in temp.glob("shardline-*/**/*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def housing(tmp_path_factory):
+    """A spec file over a CSV of synthetic housing rows, and the steps' reference outputs."""
+    root = tmp_path_factory.mktemp("housing")
+    housing_frame(ROWS).to_csv(root / "housing.csv", index=False)
+    fields = housing_spec_fields({"train": 4, "eval": 1, "test": 1})
+    fields["source"] = {"kind": "csv", "uri": str(root / "housing.csv")}
+    fields["training"] = {"epochs": 2}
+    (root / "spec.yaml").write_text(yaml.safe_dump(fields))
+    data = SimpleNamespace(spec=str(root / "spec.yaml"), reference=root / "reference", times={})
+    data.args = lambda store: {
+        "fetch": ["--output", f"{store}/raw"],
+        "validate": ["--raw", f"{store}/raw", "--output", f"{store}/validated"],
+        "shard": ["--validated", f"{store}/validated", "--output", f"{store}/shards", "--processes", "2"],
+        "adapt": ["--shards", f"{store}/shards/manifest.json", "--output", f"{store}/preprocessing"],
+    }
+    for step, args in data.args(data.reference).items():
+        data.times[step] = run_step(step, "--spec", data.spec, *args, temp=root / "temp")
+    return data
+
+
+def copy_inputs(reference: Path, store: Path, *outputs: str) -> None:
+    for output in outputs:
+        subprocess.run(["cp", "-r", str(reference / output), str(store / output)], check=True)
+
+
+@pytest.mark.parametrize(("step", "inputs", "output", "marker", "kill_point"), [
+    # fetch: while it copies, hashes and counts the delivery in its staging directory
+    ("fetch", [], "raw", "manifest.json", "shardline-*/data.csv"),
+    # validate: while it writes the Parquet file in staging (a row group or more written)
+    ("validate", ["raw"], "validated", "report.json", ("shardline-*/data.parquet", 1 << 20)),
+    # shard: while the second process writes its part of a shard
+    ("shard", ["raw", "validated"], "shards", "manifest.json", "shardline-*/train/*.part1"),
+    # adapt: half-way through its reference wall time (it stages nothing: the shards are local)
+    ("adapt", ["raw", "validated", "shards"], "preprocessing", "state.json", None),
+])
+def test_a_killed_step_reruns_to_the_same_bytes(housing, tmp_path, step, inputs, output, marker, kill_point):
+    store, temp = tmp_path / "store", tmp_path / "temp"
+    store.mkdir()
+    copy_inputs(housing.reference, store, *inputs)
+    reference = files(housing.reference / output)
+    args = ["--spec", housing.spec, *housing.args(store)[step]]
+    if kill_point:
+        kill_when = appears(temp, *kill_point) if isinstance(kill_point, tuple) else appears(temp, kill_point)
+    else:
+        deadline = time.monotonic() + housing.times[step] / 2
+        kill_when = lambda: time.monotonic() > deadline  # noqa: E731
+    reader = complete_or_absent(store / output, marker, reference)
+
+    run_killed(step, *args, temp=temp, kill_when=kill_when, reader=reader)
+
+    assert not (store / output / marker).exists()
+    left = staged_bytes(temp)
+    assert left > 0 or not kill_point, "the kill should have left a staging directory behind"
+    run_step(step, *args, temp=temp)
+    assert files(store / output) == reference
+    assert list(temp.glob("shardline-*")) == [], "a staging directory is left after the retry"
+    print(f"{step}: killed with {left} B staged; none left after the retry")
+
+
+def test_the_shard_steps_workers_die_with_it(housing, tmp_path):
+    """Only the job's process is killed (the OOM killer's pick): its worker must not write on, or wait for work,
+    for good, holding the staging directory."""
+    store, temp = tmp_path / "store", tmp_path / "temp"
+    store.mkdir()
+    copy_inputs(housing.reference, store, "raw", "validated")
+    args = ["--spec", housing.spec, *housing.args(store)["shard"]]
+    reference = files(housing.reference / "shards")
+
+    group = run_killed("shard", *args, temp=temp, kill_when=appears(temp, "shardline-*/train/*.part1"),
+                       reader=complete_or_absent(store / "shards", "manifest.json", reference), whole_group=False)
+    wait_for(lambda: not _alive(group), 30, "the killed shard job's worker to exit", interval_s=0.05)
+    run_step("shard", *args, temp=temp)
+    assert files(store / "shards") == reference
+    assert list(temp.glob("shardline-*")) == []
+
+
+def _alive(group: int) -> bool:
+    """Whether a process of the group is still running (a zombie waiting for its reaper is not)."""
+    states = subprocess.run(["ps", "-o", "stat=", "-g", str(group)], capture_output=True, text=True).stdout.split()
+    return any(not state.startswith("Z") for state in states)
+
+
+@pytest.mark.slow
+def test_a_killed_export_publishes_no_partial_version_and_reruns(penguins_pipeline, tmp_path):
+    """Killed after the SavedModel is written in staging (its Keras file and the skew check to come);
+    TF Serving's version scan must see no version, then the retry's whole one."""
+    run, temp = penguins_pipeline, tmp_path / "temp"
+    version = "1764028800"
+    args = lambda serving: ["--spec", str(ROOT / "include" / "penguins.yaml"),  # noqa: E731
+                            "--model", run.train.model_uri, "--state", run.train.state_uri,
+                            "--shards", run.shard.manifest_uri, "--metrics", run.evaluate.metrics_uri,
+                            "--serving", str(serving), "--version", version]
+    run_step("export", *args(tmp_path / "reference"), temp=temp)
+    reference = files(tmp_path / "reference")
+    serving = tmp_path / "serving"
+
+    def version_scan():  # what TF Serving would load: every child whose name is an integer
+        for child in serving.glob("*"):
+            if child.name.isdigit():
+                assert files(child).keys() == {k.partition("/")[2] for k in reference}, f"{child} is partial"
+
+    run_killed("export", *args(serving), temp=temp, kill_when=appears(temp, f"shardline-*/{version}/saved_model.pb"),
+               reader=version_scan)
+    assert not (serving / version).exists()
+    left = staged_bytes(temp)
+    run_step("export", *args(serving), temp=temp)
+    retried = files(serving)
+    assert retried.keys() == reference.keys()
+    # A SavedModel is not byte-reproducible (saving the same model twice gives other bytes); its
+    # metadata, which holds the weights' SHA-256 and the skew check's result, is.
+    assert retried[f"{version}/shardline.json"] == reference[f"{version}/shardline.json"]
+    print(f"export: killed with {left} B staged; none left after the retry")
+    assert list(temp.glob("shardline-*")) == []
