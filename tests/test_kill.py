@@ -17,7 +17,9 @@ after a share of the reference's wall time, and runs it again. It asserts:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,13 +37,12 @@ from processes import wait_for
 ROWS = 300_000  # enough that the shard step's two processes are killed while they write
 
 
-def run_step(step: str, *args: str, temp: Path) -> float:
-    """``python -m tfjobs.<step> args`` with its own temp folder; returns its wall time."""
-    start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", f"tfjobs.{step}", *args, "--log-level", "WARNING"],
+def run_step(step: str, *args: str, temp: Path, log_level: str = "WARNING") -> str:
+    """``python -m tfjobs.<step> args`` with its own temp folder; returns its log."""
+    done = subprocess.run([sys.executable, "-m", f"tfjobs.{step}", *args, "--log-level", log_level],
                           env=_env(temp), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return time.monotonic() - start
+    return done.stderr
 
 
 def run_killed(step: str, *args: str, temp: Path, kill_when, reader, whole_group: bool = True) -> int:
@@ -103,7 +104,6 @@ def housing(tmp_path_factory):
     housing_frame(ROWS).to_csv(root / "housing.csv", index=False)
     fields = housing_spec_fields({"train": 4, "eval": 1, "test": 1})
     fields["source"] = {"kind": "csv", "uri": str(root / "housing.csv")}
-    fields["training"] = {"epochs": 2}
     (root / "spec.yaml").write_text(yaml.safe_dump(fields))
     data = SimpleNamespace(spec=str(root / "spec.yaml"), reference=root / "reference", times={})
     data.args = lambda store: {
@@ -113,7 +113,9 @@ def housing(tmp_path_factory):
         "adapt": ["--shards", f"{store}/shards/manifest.json", "--output", f"{store}/preprocessing"],
     }
     for step, args in data.args(data.reference).items():
-        data.times[step] = run_step(step, "--spec", data.spec, *args, temp=root / "temp")
+        start = time.monotonic()
+        run_step(step, "--spec", data.spec, *args, temp=root / "temp")
+        data.times[step] = time.monotonic() - start
     return data
 
 
@@ -210,3 +212,36 @@ def test_a_killed_export_publishes_no_partial_version_and_reruns(penguins_pipeli
     assert retried[f"{version}/shardline.json"] == reference[f"{version}/shardline.json"]
     print(f"export: killed with {left} B staged; none left after the retry")
     assert list(temp.glob("shardline-*")) == []
+
+
+def test_a_killed_training_resumes_after_its_last_finished_epoch(housing, tmp_path):
+    """Killed once epoch 3's backup is written, the retry starts at the epoch after the last backed-up one."""
+    store, temp = tmp_path / "store", tmp_path / "temp"
+    args = ["--spec", housing.spec, "--shards", f"{housing.reference}/shards/manifest.json",
+            "--state", f"{housing.reference}/preprocessing/state.json", "--output", str(store / "train"),
+            "--set", "epochs=6", "--set", "batch_size=2048", "--set", "early_stopping_patience=6"]
+
+    def backed_up_epochs() -> int:
+        done = next(temp.glob("shardline-train-backup-*/training_metadata.json"), None)
+        try:
+            return json.loads(done.read_text())["epoch"] if done else 0
+        except ValueError:  # being written
+            return 0
+
+    started = time.monotonic()
+    run_killed("train", *args, temp=temp, kill_when=lambda: backed_up_epochs() >= 3,
+               reader=complete_or_absent(store / "train", "training.json", {}))
+    killed_after = time.monotonic() - started
+    resumed_from = backed_up_epochs()
+    started = time.monotonic()
+    log = run_step("train", *args, temp=temp, log_level="INFO")
+    retry_s = time.monotonic() - started
+
+    epochs = re.findall(r"epoch (\d+)/6", log)
+    assert epochs == [str(n) for n in range(resumed_from + 1, 7)], log[-3000:]
+    summary = json.loads((store / "train" / "training.json").read_text())
+    assert summary["epochs_run"] == 6
+    assert len(json.loads((store / "train" / "history.json").read_text())["loss"]) == 6
+    assert list(temp.glob("shardline-*")) == [], "the backup and staging directories are removed on success"
+    print(f"train: killed at {killed_after:.1f}s after epoch {resumed_from}'s backup; "
+          f"the retry ran epochs {epochs[0]}-6 in {retry_s:.1f}s")

@@ -49,8 +49,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tfjobs import cli
@@ -177,9 +180,12 @@ def train_model(args: TrainArgs) -> TrainResult:
         "state": args.state_uri,
         "state_sha256": hashlib.sha256(state_bytes).hexdigest(),
     }
+    # A retry after a kill goes on from the last finished epoch: the backup outlives the process (it is
+    # no staging directory) on local disk, keyed by the output and everything the training depends on.
+    backup = backup_dir(args.output_uri, fingerprint) if settings.loop == "fit" and task is None else None
     with staging_dir() as tmp:
         (tmp / STATE_FILE).write_bytes(state_bytes)
-        summary = _fit(spec, settings, kind, args, tmp, json.loads(state_bytes))
+        summary = _fit(spec, settings, kind, args, tmp, json.loads(state_bytes), backup)
         summary["inputs"] = inputs
         summary["fingerprint"] = fingerprint
         summary["tuned_settings"] = args.tuned_settings
@@ -192,7 +198,51 @@ def train_model(args: TrainArgs) -> TrainResult:
         # Readers wait for training.json alone: no staged copy needed (it would double the requests).
         store.publish_dir(tmp, args.output_uri, last=[SUMMARY_FILE], staged=False)
         log.info("Published the training outputs to %s", args.output_uri)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
     return _result(args.output_uri, summary, rewritten=True)
+
+
+def backup_dir(output_uri: str, fingerprint: str) -> Path:
+    """Where a training run backs up its last finished epoch: the same path for a retry of the same run."""
+    key = hashlib.sha256(f"{output_uri}\n{fingerprint}".encode()).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"shardline-train-backup-{key}"
+
+
+def resumable(backup: Path) -> list:
+    """Callbacks that back up each finished epoch and, in a retry, resume after the last one.
+
+    Keras's ``BackupAndRestore`` keeps the weights, the optimizer and the epoch count (two copies:
+    a kill while it writes one leaves the other); the history of the epochs already run is kept
+    beside it, so the retry's history and summary cover every epoch. EarlyStopping's patience
+    counts again from the resumed epoch.
+    """
+    import keras
+
+    class EpochHistory(keras.callbacks.Callback):
+        """The finished epochs' metrics, in ``history.json`` beside the backup (written before it)."""
+
+        def __init__(self):
+            super().__init__()
+            self.path = backup / "history.json"
+            self.epochs: dict[str, list[float]] = {}
+
+        def on_train_begin(self, logs=None):
+            done = backup / "training_metadata.json"
+            if self.path.exists() and done.exists():  # as many epochs as the weights have
+                count = json.loads(done.read_text())["epoch"]
+                self.epochs = {k: v[:count] for k, v in json.loads(self.path.read_text()).items()}
+                log.info("Resuming after epoch %d from the backup in %s", count, backup)
+
+        def on_epoch_end(self, epoch, logs=None):
+            for name, value in (logs or {}).items():
+                self.epochs.setdefault(name, []).append(float(value))
+            backup.mkdir(parents=True, exist_ok=True)
+            (backup / "history.json.tmp").write_text(json.dumps(self.epochs))
+            os.replace(backup / "history.json.tmp", self.path)
+
+    return [EpochHistory(), keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True,
+                                                             delete_checkpoint=False)]
 
 
 def _fingerprint(args: TrainArgs, spec: PipelineSpec, settings: TrainingSpec, kind: str) -> str:
@@ -286,7 +336,8 @@ def compile_for_task(model, spec: PipelineSpec, settings: TrainingSpec) -> None:
     )
 
 
-def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs, out_dir, state: dict) -> dict:
+def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs, out_dir, state: dict,
+         backup: Path | None = None) -> dict:
     import keras
 
     from tfjobs.storage.input_pipeline import open_shards, training_batches
@@ -349,6 +400,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             scan_stacked_steps(model, train_data)
         if multi_worker:
             adapt_fit_to_multi_worker(model, strategy, next(iter(train_data)))
+        resume = resumable(backup) if backup is not None else []
         callbacks = [
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=settings.early_stopping_patience, restore_best_weights=True
@@ -362,6 +414,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard")),
             epoch_progress(settings.epochs),
             *args.callbacks,
+            *resume,
         ]
         (out_dir / "checkpoints").mkdir()
         log.info(
@@ -383,7 +436,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
                 verbose=0,
             )
     model.save(out_dir / MODEL_FILE)
-    epochs = history.history
+    epochs = resume[0].epochs if resume else history.history  # every epoch, those before a resume included
     (out_dir / "history.json").write_text(json.dumps(epochs, indent=2) + "\n")
     plot_training_curves(epochs, out_dir / "training_curve.png", title=f"{spec.name}: {kind}")
     best = min(range(len(epochs["val_loss"])), key=lambda i: epochs["val_loss"][i])
