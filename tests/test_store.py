@@ -62,3 +62,37 @@ def test_delete_removes_a_prefix(tmp_path):
         store.write_bytes(str(tmp_path / name), b"x")
     store.delete(str(tmp_path / "p"))
     assert store.list(str(tmp_path)) == [join(str(tmp_path), "q")]
+
+
+def test_exclusive_publishes_racing_for_one_directory_leave_one_whole(tmp_path):
+    """Two runs publish a version at the same moment: one wins whole, the other is refused, never a mix."""
+    import threading
+
+    from tfjobs.storage.store import AlreadyPublishedError
+
+    store = LocalStore()
+    for name in ("a", "b"):
+        (tmp_path / name / "variables").mkdir(parents=True)
+        for file in ("saved_model.pb", "variables/data"):
+            (tmp_path / name / file).write_text(name)
+    for attempt in range(20):
+        target, barrier, outcomes = str(tmp_path / "serving" / str(attempt)), threading.Barrier(2), {}
+
+        def publish(name):
+            barrier.wait()
+            try:
+                store.publish_dir(tmp_path / name, target, last=["saved_model.pb"], exclusive=True)
+                outcomes[name] = "published"
+            except AlreadyPublishedError:
+                outcomes[name] = "refused"
+
+        threads = [threading.Thread(target=publish, args=(name,)) for name in ("a", "b")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(outcomes.values()) == ["published", "refused"]
+        winner = next(name for name, outcome in outcomes.items() if outcome == "published")
+        assert {f: store.read_bytes(join(target, f)).decode() for f in ("saved_model.pb", "variables/data")} == {
+            "saved_model.pb": winner, "variables/data": winner}
+    assert [p.name for p in (tmp_path / "serving").iterdir() if p.name.startswith(".")] == []

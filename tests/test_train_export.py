@@ -169,6 +169,31 @@ def test_a_retrained_older_date_stays_below_newer_dates(penguins_pipeline, tmp_p
         export(full, last_second)
 
 
+def test_an_export_that_loses_the_race_for_its_version_overwrites_nothing(penguins_pipeline, tmp_path, monkeypatch):
+    """A manual trigger and the scheduled run of one date export at once: both find the same version free,
+    and another model is published there first. The loser fails saying so; its retry takes the next version."""
+    import tfjobs.export
+
+    run = penguins_pipeline
+    day, serving = 1764028800, tmp_path / "serving"
+    args = ExportArgs(run.spec, run.train.model_uri, run.adapt.state_uri, run.shard.manifest_uri,
+                      run.evaluate.metrics_uri, str(serving), day)
+    scan = tfjobs.export.published_versions
+
+    def scanned_before_the_winner_published(uri):
+        versions = scan(uri)
+        another_models_version(serving, day)
+        return versions
+
+    monkeypatch.setattr(tfjobs.export, "published_versions", scanned_before_the_winner_published)
+    with pytest.raises(RuntimeError, match=f"Version {day} under .* was published by another run .* not overwritten"):
+        export_model(args)
+    assert (serving / str(day) / "saved_model.pb").read_bytes() == b"another model"
+    assert [p.name for p in serving.iterdir()] == [str(day)]  # no half-copied version left beside it
+    monkeypatch.setattr(tfjobs.export, "published_versions", scan)
+    assert export_model(args).version == day + 1
+
+
 def test_unblessed_model_is_not_exported(penguins_pipeline, tmp_path):
     run = penguins_pipeline
     metrics = read_json(run.evaluate.metrics_uri)

@@ -52,7 +52,7 @@ import numpy as np
 from tfjobs import cli
 from tfjobs.promote import run_of
 from tfjobs.spec import PipelineSpec, load_spec
-from tfjobs.storage.store import join, read_json, staging_dir, store_for
+from tfjobs.storage.store import AlreadyPublishedError, join, read_json, staging_dir, store_for
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ SKEW_CHECK_ROWS = 10_000
 
 class NotBlessedError(RuntimeError):
     """The evaluation did not bless the model, so it must not be served."""
+
+
+class VersionTakenError(RuntimeError):
+    """Another run published the chosen version first; a retry picks the next free one."""
 
 
 class ServingSkewError(RuntimeError):
@@ -175,7 +179,14 @@ def export_model(args: ExportArgs) -> ExportResult:
             metadata["statistics"] = STATISTICS_FILE
         (model_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         version_uri = join(args.serving_uri, str(version))
-        store.publish_dir(model_dir, version_uri, last=[SAVED_MODEL_MARKER])
+        try:  # another run of the day (a manual trigger and the scheduled one) may have taken the version meanwhile
+            store.publish_dir(model_dir, version_uri, last=[SAVED_MODEL_MARKER], exclusive=True)
+        except AlreadyPublishedError as err:
+            raise VersionTakenError(
+                f"Version {version} under {args.serving_uri} was published by another run while this one exported: "
+                "it was not overwritten. Run the export again (retry the task): it takes the next free version, "
+                "or finds this model already published."
+            ) from err
     log.info("Published %s version %d at %s (max skew %.2g)", spec.model_name, version, version_uri, max_skew)
     return ExportResult(version, version_uri, join(version_uri, KERAS_FILE), max_skew, True)
 

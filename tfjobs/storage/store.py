@@ -89,7 +89,8 @@ class ObjectStore(ABC):
     def copy(self, src_uri: str, dst_uri: str, size: int | None = None) -> None:
         """Copy one object within the store (``size``, when known, saves asking the store)."""
 
-    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = (), *, staged: bool = True) -> None:
+    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = (), *, staged: bool = True,
+                    exclusive: bool = False) -> None:
         """Make ``uri`` hold exactly a local directory's files, the files named in ``last`` put last.
 
         Files named in ``last`` (relative paths) are the markers readers wait for,
@@ -105,9 +106,16 @@ class ObjectStore(ABC):
 
         On failure ``uri`` is removed (a partial directory must not be taken for a
         version) and so is the staging prefix.
+
+        ``exclusive``: raise :class:`AlreadyPublishedError` if ``uri`` is already published (its
+        markers are there), for a new version that another run may publish meanwhile; the
+        leftovers of a killed publish are replaced. Here it is checked before the copies, not
+        atomically with them (the local store's rename is atomic).
         """
         local_dir = Path(local_dir)
         files = _files_with_markers(local_dir, last)
+        if exclusive and any(self.exists(join(uri, marker)) for marker in last):
+            raise AlreadyPublishedError(uri)
         if not staged:
             with self._removed_on_failure(uri):
                 self._replace_dir(uri, files, last, lambda rel: self.upload(local_dir / rel, join(uri, rel)))
@@ -214,20 +222,37 @@ class LocalStore(ObjectStore):
     def copy(self, src_uri: str, dst_uri: str, size: int | None = None) -> None:
         self.upload(self.path(src_uri), dst_uri)
 
-    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = (), *, staged: bool = True) -> None:
+    def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = (), *, staged: bool = True,
+                    exclusive: bool = False) -> None:
         """Copy into a hidden sibling, then rename into place: all or nothing, staged or not.
 
         TF Serving ignores directory names that are not integers, so a version being
-        written under ``.<name>.<uuid>.tmp`` is never loaded half-way.
+        written under ``.<name>.<uuid>.tmp`` is never loaded half-way. ``exclusive``: the
+        rename fails if another publisher's directory got there first (a directory cannot
+        be renamed onto one that holds files), and that one is left as it is.
         """
         _files_with_markers(local_dir, last)
         target = self.path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         shutil.copytree(local_dir, staging)
-        if target.exists():
+        if not exclusive and target.exists():
             shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            os.rename(staging, target)
+        except OSError as err:
+            shutil.rmtree(staging, ignore_errors=True)
+            if exclusive and target.exists():
+                raise AlreadyPublishedError(uri) from err
+            raise
+
+
+class AlreadyPublishedError(FileExistsError):
+    """An exclusive publish found its target taken (by another run, publishing at the same time)."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(f"{uri} was published by another run meanwhile; it was left as it is")
+        self.uri = uri
 
 
 class StagingCleanupError(RuntimeError):
