@@ -12,6 +12,9 @@ after a share of the reference's wall time, and runs it again. It asserts:
   SavedModel files excepted: saving a model twice gives other bytes; its metadata, with the
   weights' SHA-256, must match);
 - after the retry no ``shardline-*`` staging directory is left in the temp folder.
+
+The shard step is also killed mid-upload to the moto S3 endpoint; training is killed after an
+epoch's backup and must resume after it.
 """
 
 from __future__ import annotations
@@ -245,3 +248,37 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(housing, tmp_pa
     assert list(temp.glob("shardline-*")) == [], "the backup and staging directories are removed on success"
     print(f"train: killed at {killed_after:.1f}s after epoch {resumed_from}'s backup; "
           f"the retry ran epochs {epochs[0]}-6 in {retry_s:.1f}s")
+
+
+def test_a_shard_run_killed_mid_upload_to_s3_reruns_to_the_same_objects(housing, tmp_path, monkeypatch):
+    """On the moto S3 endpoint: killed once a shard object is uploaded and before the manifest is."""
+    from s3_server import REGION, moto_s3
+
+    temp = tmp_path / "temp"
+    with moto_s3() as endpoint:
+        client = endpoint.client()
+        output = f"s3://{endpoint.bucket}/shards"
+
+        def objects() -> dict[str, str]:
+            listed = client.list_objects_v2(Bucket=endpoint.bucket, Prefix="shards/").get("Contents", [])
+            return {o["Key"][len("shards/"):]: hashlib.sha256(
+                client.get_object(Bucket=endpoint.bucket, Key=o["Key"])["Body"].read()).hexdigest() for o in listed}
+
+        def uploaded_a_shard() -> bool:
+            return client.list_objects_v2(Bucket=endpoint.bucket, Prefix="shards/train/").get("KeyCount", 0) > 0
+
+        def reader():
+            if client.list_objects_v2(Bucket=endpoint.bucket, Prefix="shards/manifest.json").get("KeyCount", 0):
+                assert objects() == reference, "the manifest was readable over incomplete shards"
+
+        reference = files(housing.reference / "shards")
+        args = ["--spec", housing.spec, "--validated", f"{housing.reference}/validated", "--output", output,
+                "--processes", "2", "--s3-endpoint-url", endpoint.url]
+        for name, value in {"AWS_ACCESS_KEY_ID": endpoint.access_key, "AWS_SECRET_ACCESS_KEY": endpoint.secret_key,
+                            "AWS_DEFAULT_REGION": REGION}.items():
+            monkeypatch.setenv(name, value)  # for the step's processes
+        run_killed("shard", *args, temp=temp, kill_when=uploaded_a_shard, reader=reader)
+        assert "manifest.json" not in objects()
+        run_step("shard", *args, temp=temp)
+        assert objects() == reference
+    assert list(temp.glob("shardline-*")) == []
