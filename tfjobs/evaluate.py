@@ -29,11 +29,13 @@ step publishes only a blessed model.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
-import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,7 +205,8 @@ def evaluate_models(spec: PipelineSpec, models: dict, shards_manifest_uri: str, 
             batch = dict(batch)
             labels = batch.pop(spec.label.name).numpy()
             if not examples:
-                examples = example_rows(batch, EXAMPLE_ROWS)
+                examples = example_rows(batch, EXAMPLE_ROWS, binary={
+                    f.name for f in spec.features if f.column().dtype == "bytes"})
             for name, predict in models.items():
                 predictions = np.asarray(predict(batch))
                 metrics[name].update(labels, predictions)
@@ -215,12 +218,14 @@ def evaluate_models(spec: PipelineSpec, models: dict, shards_manifest_uri: str, 
     return results, examples, residuals if residuals["labels"] else None
 
 
-def example_rows(batch: dict, count: int) -> list[dict]:
-    """``count`` rows of a batch of raw features, JSON-ready, rows without a missing value first."""
+def example_rows(batch: dict, count: int, binary: Collection[str] = ()) -> list[dict]:
+    """``count`` rows of a batch of raw features, JSON-ready, rows without a missing value first; ``binary``
+    features (encoded files) as TF Serving's REST API takes them, ``{"b64": "<base64>"}``."""
     columns = {name: np.asarray(values) for name, values in batch.items()}
     rows = []
     for i in range(min(len(v) for v in columns.values())):
-        row = {name: _json_value(values[i]) for name, values in columns.items()}
+        row = {name: {"b64": base64.b64encode(values[i]).decode()} if name in binary else _json_value(values[i])
+               for name, values in columns.items()}
         rows.append(row)
         if sum(1 for r in rows if None not in r.values() and "" not in r.values()) >= count:
             break
