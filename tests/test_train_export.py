@@ -264,3 +264,14 @@ def test_a_rerun_of_the_date_with_other_data_cannot_be_paired_with_the_first_run
     with pytest.raises(InputMismatchError, match=r"the state at .*preprocessing.*state.json has SHA-256"):
         export_model(ExportArgs(spec, trained.model_uri, adapted.state_uri, shards.manifest_uri,
                                 evaluated.metrics_uri, first.serving, 1764028800))
+
+
+@pytest.mark.parametrize("kind", ["wide_deep", "residual"])
+def test_subclassed_models_train_with_fit_and_the_kill_backup(penguins_pipeline, tmp_path, kind):
+    """fit() keeps a BackupAndRestore backup, which needs built weights: a subclassed model is built on a batch
+    first (it was not, and every tuning trial of housing's wide & deep model failed)."""
+    run = penguins_pipeline
+    output = str(tmp_path / kind / "train")
+    trained = train_model(TrainArgs(run.spec, run.shard.manifest_uri, run.adapt.state_uri, output, model_kind=kind,
+                                    hyperparameters={"epochs": 2, "loop": "fit"}))
+    assert trained.rewritten and len(read_json(f"{output}/history.json")["loss"]) == 2

@@ -401,6 +401,9 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
         if multi_worker:
             adapt_fit_to_multi_worker(model, strategy, next(iter(train_data)))
         resume = resumable(backup) if backup is not None else []
+        if resume and not model.built:  # BackupAndRestore needs the weights: a subclassed model builds on a batch
+            features, _ = eval_data[0] if isinstance(eval_data, keras.utils.PyDataset) else next(iter(eval_data))
+            model(features)
         callbacks = [
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=settings.early_stopping_patience, restore_best_weights=True
