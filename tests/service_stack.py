@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from processes import free_ports, stop_process_group, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The shared datasets, read in place (tests/conftest.py's HOUSING_CSV is under it).
+SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 ADMIN, OPERATOR, VIEWER = "admin", "operator", "viewer"
 #: Each user's FAB role, as docker-compose.yaml's README table gives them: the admin is created at init.
@@ -126,7 +128,8 @@ class ServiceStack:
             "AIRFLOW__OPERATORS__DEFAULT_QUEUE": DEFAULT_QUEUE,
             "AIRFLOW__SHARDLINE__GPU_QUEUE": GPU_QUEUE,
             "AIRFLOW__SHARDLINE__STORE_URI": self.store_uri,
-            "AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES": str(self.landing),
+            # The landing folder, and the shared datasets the tests read in place (the housing CSV).
+            "AIRFLOW__SHARDLINE__ALLOWED_SOURCE_PREFIXES": f"{self.landing},{SHARED_DATASETS}",
             "AIRFLOW__SHARDLINE__TUNING_CONN_ID": TUNING_DATABASE,
             f"AIRFLOW_CONN_{TUNING_DATABASE.upper()}": self.tuning_url.replace("postgresql+psycopg2", "postgresql"),
             "AIRFLOW__LOGGING__TRIGGERER_LOG_SERVER_PORT": str(self.triggerer_log_port),

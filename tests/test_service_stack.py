@@ -215,7 +215,9 @@ def test_a_triggered_source_outside_the_allow_list_fails_at_fetch_and_nothing_la
             api.get(f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}").json()), RUN_TIMEOUT_S, run_id, 3)
         tis = task_instances(api, run_id)
         assert (run["state"], tis["fetch"]["state"], tis["fetch"]["try_number"]) == ("failed", "failed", 1), source
-        assert {tis[t]["state"] for t in tis if t != "fetch"} == {"upstream_failed"}, source
+        # Every step after fetch is skipped as upstream_failed; the run report, a teardown, still says what happened.
+        assert {tis[t]["state"] for t in tis if t not in ("fetch", "report")} == {"upstream_failed"}, source
+        assert tis["report"]["state"] == "success", source
         log = json.dumps(api.get(f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/fetch/logs/1",
                                  params={"full_content": True}).json())
         assert "is not under any allowed source prefix, so nothing was read from it" in log, (source, log[-3000:])
@@ -301,11 +303,14 @@ def test_tuning_runs_trial_runners_at_once_on_the_gpu_workers_and_survives_a_kil
         trials = current.get_trials() if current else []
         running = {t.user_attrs.get("runner"): t for t in trials if t.state == TrialState.RUNNING}
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        if complete and set(running) == {0, 1} and running[1].intermediate_values:
+        if complete and set(running) == {0, 1}:
             return trials, running[1]
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(finished) < conf["tuning_trials"], "the study finished before both runners were seen training"
         return None
 
-    trials, victim = wait_for(both_runners_training, 900, "both runners training, after a completed trial", 1)
+    # Polled often: on an idle machine a trial of housing takes about 3 s.
+    trials, victim = wait_for(both_runners_training, 900, "both runners training, after a completed trial", 0.2)
     completed = {t.number: t.value for t in trials if t.state == TrialState.COMPLETE}
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)  # runner 1's task process, mid-trial
     finished_run(api, run_id, timeout_s=1500, dag=dag)
