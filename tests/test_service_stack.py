@@ -303,7 +303,8 @@ def test_tuning_runs_trial_runners_at_once_on_the_gpu_workers_and_survives_a_kil
         trials = current.get_trials() if current else []
         running = {t.user_attrs.get("runner"): t for t in trials if t.state == TrialState.RUNNING}
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
-        if complete and set(running) == {0, 1}:
+        # Runner 1 in training: its settings all drawn (a trial killed while they are drawn has fewer).
+        if complete and set(running) == {0, 1} and len(running[1].params) == len(complete[0].params):
             return trials, running[1]
         finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         assert len(finished) < conf["tuning_trials"], "the study finished before both runners were seen training"
