@@ -30,7 +30,7 @@ def encoded_batches(rows: int, batch_size: int):
 
     rng = np.random.default_rng(0)
     features = {
-        "numeric": rng.normal(size=(rows, 8)).astype("float32"),
+        NUMBERS: rng.normal(size=(rows, 8)).astype("float32"),
         "ocean_proximity": rng.integers(0, 6, rows).astype("int64"),
     }
     labels = (features[NUMBERS] @ rng.normal(size=8) + 0.2 * features["ocean_proximity"]).astype("float32")
