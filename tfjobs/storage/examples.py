@@ -189,6 +189,9 @@ class ValuePiece:
 
 
 _ROWS_PER_TABLE_VALUE = 4
+#: Padded values at least this wide are copied into their rows one by one (measured on encoded images,
+#: ``benchmarks/bench_images.py``); narrower ones through one masked scatter of all of them.
+ROW_COPY_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -280,12 +283,17 @@ def _assemble(body: tuple[RecordPiece, ...], reserve: tuple[int, int]) -> Padded
             field[:] = _as_void(piece.data)
         elif piece.table is not None:
             field[:] = _as_void(piece.table)[piece.codes]
-        else:  # values mostly distinct (long strings): joined, then into the bytes of the rows that are theirs
-            joined = np.frombuffer(b"".join([piece.values[code] for code in piece.codes.tolist()]), np.uint8)
+        else:  # values mostly distinct (long strings, encoded files)
             columns = data[:, start : start + piece.width]
             if piece.lengths is None:
-                columns[:] = joined.reshape(n, piece.width)
-            else:
+                columns[:] = np.frombuffer(b"".join([piece.values[c] for c in piece.codes.tolist()]),
+                                           np.uint8).reshape(n, piece.width)
+            elif piece.width >= ROW_COPY_BYTES:  # each value into its row: a copy per row beats a masked scatter
+                for row, code in zip(columns, piece.codes.tolist()):
+                    value = piece.values[code]
+                    row[: len(value)] = np.frombuffer(value, np.uint8)
+            else:  # joined, then into the bytes of the rows that are theirs
+                joined = np.frombuffer(b"".join([piece.values[c] for c in piece.codes.tolist()]), np.uint8)
                 columns[valid[:, start : start + piece.width]] = joined
     return PaddedRows(data, valid, lengths, body)
 
