@@ -355,13 +355,14 @@ def _frame(batch, threads: bool) -> pd.DataFrame:
     return frame
 
 
-def framed_records(columns: list[Column], values: dict, order: np.ndarray) -> FramedRecords:
-    """The batch's records in ``order``, in TFRecord framing: Examples, built a chunk at a time
+def framed_records(columns: list[Column], values: dict, order: np.ndarray | None = None) -> FramedRecords:
+    """The batch's records in ``order`` (all, as given, when None), in TFRecord framing: Examples, built a chunk at a time
     (:func:`~tfjobs.storage.tfrecord.frame_in_chunks`); SequenceExamples when a column is stored as a
     document (their pieces are as long as their values: nothing is padded).
     """
     if record_format(columns) == SEQUENCE_EXAMPLE:
-        data, lengths = encode_framed_sequence_examples(columns, {name: v[order] for name, v in values.items()})
+        ordered = values if order is None else {name: v[order] for name, v in values.items()}
+        data, lengths = encode_framed_sequence_examples(columns, ordered)
         ends = np.cumsum(lengths)
         return FramedRecords([data], np.zeros(len(lengths), np.int64), ends - lengths, ends)
     return frame_in_chunks(encode_rows(columns, values), order)
