@@ -205,8 +205,7 @@ def evaluate_models(spec: PipelineSpec, models: dict, shards_manifest_uri: str, 
             batch = dict(batch)
             labels = batch.pop(spec.label.name).numpy()
             if not examples:
-                examples = example_rows(batch, EXAMPLE_ROWS, binary={
-                    f.name for f in spec.features if f.column().dtype == "bytes"})
+                examples = example_rows(batch, EXAMPLE_ROWS, binary=spec.binary_features)
             for name, predict in models.items():
                 predictions = np.asarray(predict(batch))
                 metrics[name].update(labels, predictions)

@@ -438,7 +438,7 @@ def _fetch_to_parquet(spec: PipelineSpec, source: SourceSpec, target: Path) -> s
 
 def _binary_feature(spec: PipelineSpec) -> str:
     """The one feature of the spec stored as bytes: where an image folder's files go."""
-    names = [f.name for f in spec.features if f.column().dtype == "bytes"]
+    names = spec.binary_features
     if len(names) != 1:
         raise ValueError(
             f"An image_folder source fills one binary feature (an image) with its files and the label with their "

@@ -290,6 +290,11 @@ class PipelineSpec:
         """The raw column that names each row's split, if the spec has one: validated with the rows, not a record's."""
         return (self.split.column,) if self.split.column else ()
 
+    @property
+    def binary_features(self) -> list[str]:
+        """The features stored as bytes (encoded files such as images), not text."""
+        return [f.name for f in self.features if f.column().dtype == "bytes"]
+
     def feature(self, name: str) -> Feature:
         for feature in self.features:
             if feature.name == name:

@@ -239,7 +239,7 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
             bad = row_reasons != ""
             if bad.any():
                 rejected = chunk.loc[bad, kept].copy()
-                for name in binary_columns(spec):  # mapped alone: inferring a text column's type fails on surrogates
+                for name in spec.binary_features:  # mapped alone: inferring a text column's type fails on surrogates
                     rejected[name] = rejected[name].map(_quarantine_text)
                 rejected.insert(0, LINE_COLUMN, rejected.index)
                 rejected[REASON_COLUMN] = row_reasons[bad]
@@ -265,11 +265,6 @@ def _validate_csv(spec: PipelineSpec, raw_path, data_path, quarantine_path, sour
         "ignored_columns": extra,
         "label_classes": dict(sorted(classes.items())),
     }
-
-
-def binary_columns(spec: PipelineSpec) -> list[str]:
-    """The features whose values are bytes (encoded files), not text."""
-    return [f.name for f in spec.features if f.column().dtype == "bytes"]
 
 
 def _quarantine_text(value):
@@ -316,7 +311,7 @@ def _check_chunk(spec: PipelineSpec, chunk: pd.DataFrame, na_values: set[str], l
 
     # A value whose bytes did not decode quarantines its row; the kinds clean an empty value in its place.
     texts = {}
-    binary = binary_columns(spec)  # bytes as Parquet gave them: no text
+    binary = spec.binary_features  # bytes as Parquet gave them: no text
     for name in [*(f.name for f in spec.features), *([spec.label.name] if label_required else [])]:
         if name in binary or chunk[name].dtype != object:  # Parquet's text was UTF-8 already: nothing undecodable
             texts[name] = chunk[name]
