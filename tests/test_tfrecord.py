@@ -93,3 +93,42 @@ def test_records_framed_in_chunks_are_the_same_bytes_whatever_the_budget(tmp_pat
         for i in order:
             writer.write(records[i])
     assert b"".join(data.tobytes() for _, _, data in runs) == path.read_bytes()
+
+
+def test_stored_gzip_members_are_gzip_that_zlib_and_tensorflow_read(tmp_path):
+    """Members of stored blocks: any write sizes (empty, one block, many, not a block's multiple), back to back."""
+    import gzip
+
+    from tfjobs.storage.tfrecord import StoredGzipMember
+
+    rng = np.random.default_rng(3)
+    members = [[rng.bytes(n) for n in sizes] for sizes in ([0], [1, 65_535, 65_536], [200_001, 0, 7], [])]
+    encoded = b""
+    for writes in members:
+        member = StoredGzipMember()
+        encoded += b"".join(bytes(piece) for data in writes for piece in member.compress(data))
+        encoded += b"".join(bytes(piece) for piece in member.flush())
+    assert gzip.decompress(encoded) == b"".join(b"".join(writes) for writes in members)
+    assert zlib_decompress_members(encoded) == len(members)  # each member ends where the next begins
+
+    path = tmp_path / "stored.tfrecord.gz"
+    values = rows(3000)
+    with TFRecordFileWriter(path, "GZIP", "stored") as writer:
+        writer.write(encode_padded(COLUMNS, values, reserve=FRAMING))
+        writer.end_member()
+        writer.write(encode_padded(COLUMNS, values, reserve=FRAMING))
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(path), compression_type="GZIP")]
+    assert records == serialize_examples(COLUMNS, values) * 2
+    assert path.stat().st_size == writer.bytes > sum(map(len, records))  # stored, not deflated
+
+
+def zlib_decompress_members(data: bytes) -> int:
+    import zlib
+
+    count = 0
+    while data:
+        inflater = zlib.decompressobj(31)
+        inflater.decompress(data)
+        assert inflater.eof, "a member does not end"
+        data, count = inflater.unused_data, count + 1
+    return count
