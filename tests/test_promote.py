@@ -255,3 +255,37 @@ def test_a_rollback_that_a_promotion_overtakes_fails_rather_than_undo_it(serving
         rollback(serving, by="bob")
     pointer = check_consistent(serving)
     assert (pointer["version"], pointer["previous"]) == (3 * DAY, 2 * DAY)
+
+
+def test_pruning_keeps_a_version_that_another_run_promotes_while_it_prunes(tmp_path, monkeypatch):
+    from tfjobs import promote
+
+    serving = str(tmp_path / "serving" / "housing")
+    publish_versions(serving, range(1, 6))
+    set_production(serving, 5 * DAY, reason="day 5", by="ci")
+    real, promoted = promote.production, []
+
+    def promotion_lands_after_the_listing(uri):  # another run promotes day 1 while prune walks the versions
+        if not promoted:
+            promoted.append(set_production(serving, DAY, reason="day 1 by hand", by="alice"))
+        return real(uri)
+
+    monkeypatch.setattr(promote, "production", promotion_lands_after_the_listing)
+    pruned = prune(serving, keep_versions=2)
+    assert promoted and pruned == [2 * DAY, 3 * DAY, 4 * DAY]  # day 1 is production now: kept
+    assert sorted(published_versions(serving)) == [DAY, 5 * DAY]
+    assert check_consistent(serving)["version"] == DAY
+
+
+def test_a_promotion_of_a_version_pruned_meanwhile_leaves_production_as_it_was(serving):
+    from tfjobs.storage.store import LocalStore
+
+    set_production(serving, DAY, reason="first", by="ci")
+    calls = []
+
+    def prune_day_2(old):  # another promotion's prune, between the listing and the write
+        calls.append(LocalStore().delete(f"{serving}/{2 * DAY}"))
+
+    with pytest.raises(FileNotFoundError, match="Version 172800 .* was deleted .* production was not changed"):
+        set_production(serving, 2 * DAY, reason="second", by="ci", check=prune_day_2)
+    assert calls and check_consistent(serving)["version"] == DAY

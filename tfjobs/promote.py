@@ -255,9 +255,14 @@ def set_production(
         "forced": forced,
     }
 
+    marker = join(versions[version], "saved_model.pb")
+
     def change(old: dict | None) -> dict | None:
         if check is not None:
             check(old)
+        if not store_for(marker).exists(marker):  # pruned by a concurrent promotion since we listed the versions
+            raise FileNotFoundError(f"Version {version} under {serving_uri} was deleted (pruned by another promotion) "
+                                    "while this one promoted it; production was not changed")
         if canary:
             if old is None:
                 raise ValueError(
@@ -325,11 +330,14 @@ def _summary(pointer: dict) -> dict:
 
 
 def prune(serving_uri: str, keep_versions: int) -> list[int]:
-    """Delete the oldest versions beyond ``keep_versions``, never production's or the canary's; the deleted ones."""
+    """Delete the oldest versions beyond ``keep_versions``, never production's or the canary's; the deleted ones.
+
+    The pointer is read again before each deletion, so a version promoted by another run
+    meanwhile is kept; a promotion re-checks that its version is still published on each
+    try of its write. (What is left: a promotion landing between that read and the delete.)
+    """
     from tfjobs.export import published_versions
 
-    pointer = production(serving_uri) or {}
-    protected = {pointer.get("version"), (pointer.get("canary") or {}).get("version")}
     versions = published_versions(serving_uri)
     excess = len(versions) - keep_versions
     pruned = []
@@ -337,7 +345,8 @@ def prune(serving_uri: str, keep_versions: int) -> list[int]:
     for version, uri in versions.items():  # oldest first
         if excess <= 0:
             break
-        if version in protected:
+        pointer = production(serving_uri) or {}
+        if version in (pointer.get("version"), (pointer.get("canary") or {}).get("version")):
             continue
         # saved_model.pb first: a half-deleted directory is then no version, for TF Serving nor for Shardline.
         store.delete(join(uri, "saved_model.pb"))
