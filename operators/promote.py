@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from operators.base import ShardlineOperator, forced_by, production_asset
 from operators.links import StoreLink
@@ -81,13 +81,16 @@ class RollbackModelOperator(_ProductionOperator):
         self.reason = reason
 
     def execute(self, context):
-        from tfjobs.rollback import rollback
+        from tfjobs.rollback import ProductionChangedError, rollback
 
         spec = self.load_spec()
         layout = self.layout(context, spec)
         with self.failing_fast():
-            result = rollback(layout.serving, int(self.version) if str(self.version).strip() else None,
-                              by=forced_by(context)["by"], reason=self.reason)
+            try:
+                result = rollback(layout.serving, int(self.version) if str(self.version).strip() else None,
+                                  by=forced_by(context)["by"], reason=self.reason)
+            except ProductionChangedError as err:  # a retry would roll back the promotion that overtook it
+                raise AirflowFailException(f"{type(err).__name__}: {err}") from err
         return self.finish_promotion(context, result)
 
 

@@ -84,3 +84,22 @@ def test_force_comes_with_who_from_the_run_and_when():
     assert before <= datetime.datetime.fromisoformat(forced["at"]) <= datetime.datetime.now(datetime.timezone.utc)
     assert forced_by({"dag_run": SimpleNamespace(triggering_user_name=None, run_type="scheduled")})["by"] == \
         "scheduled run"
+
+
+def test_a_rollback_overtaken_by_a_promotion_fails_without_a_retry(monkeypatch):
+    """A retry would read the new production and roll *it* back: the operator fails the task for good."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from operators.promote import RollbackModelOperator
+    from tfjobs import rollback as rollback_module
+
+    def overtaken(*args, **kwargs):
+        raise rollback_module.ProductionChangedError("Production of s3://b/serving/m changed from version 1 to 2")
+
+    operator = RollbackModelOperator(task_id="rollback", spec=str(ROOT / "include" / "housing.yaml"))
+    monkeypatch.setattr(operator, "load_spec", lambda: None)
+    monkeypatch.setattr(operator, "layout", lambda context, spec: SimpleNamespace(serving="s3://b/serving/m"))
+    monkeypatch.setattr(rollback_module, "rollback", overtaken)
+    run = SimpleNamespace(triggering_user_name="bob", run_id="manual__x", run_type="manual")
+    with pytest.raises(AirflowFailException, match="ProductionChangedError: Production of .* changed from version 1"):
+        operator.execute({"dag_run": run})

@@ -109,3 +109,183 @@ def test_a_backfilled_older_day_does_not_displace_a_newer_production_unless_forc
     assert promote_evaluated(serving, DAY, {**blessed, "forced": {"by": "alice"}}, run="r", by="ci").version == DAY
     with pytest.raises(NotPromoted, match="Not promoted: worse"):
         promote_evaluated(serving, 3 * DAY, {"blessed": False, "reason": "worse", "failures": []}, run="r", by="ci")
+
+
+def publish_versions(store_root: str, days) -> None:
+    from tfjobs.storage.store import store_for
+
+    store = store_for(store_root)
+    for day in days:
+        store.write_bytes(f"{store_root}/{day * DAY}/saved_model.pb", b"")
+        store.write_bytes(f"{store_root}/{day * DAY}/shardline.json", json.dumps({
+            "model_name": "housing", "run": f"run-{day}", "test_metrics": {"rmse": float(day)}}).encode())
+
+
+def promote_at_once(serving: str, production_days: list[int], canary_day: int) -> dict:
+    """Promote each day (and one canary) from its own thread, all released at once; the final pointer."""
+    import threading
+
+    barrier, errors = threading.Barrier(len(production_days) + 1), []
+
+    def promote(day, canary=False):
+        barrier.wait()
+        try:
+            set_production(serving, day * DAY, reason=f"day {day}", by=f"thread-{day}", canary=canary)
+        except BaseException as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=promote, args=(day,)) for day in production_days]
+    threads.append(threading.Thread(target=promote, args=(canary_day, True)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return check_consistent(serving)  # models.config matches the final production.json
+
+
+def assert_no_promotion_lost(pointer: dict, first_day: int, production_days: list[int], canary_day: int) -> None:
+    chain = [pointer["version"]] + [entry["version"] for entry in pointer["history"]]
+    # Every promotion is production or in the history, once each; the first production is the oldest entry.
+    assert sorted(chain) == sorted(day * DAY for day in [first_day, *production_days])
+    assert chain[-1] == first_day * DAY and pointer["previous"] == chain[1]
+    assert [entry["reason"] for entry in pointer["history"]] == [f"day {v // DAY}" for v in chain[1:]]
+    assert pointer["canary"]["version"] == canary_day * DAY  # no production promotion dropped the canary
+
+
+def test_promotions_at_once_on_a_local_store_lose_no_update(tmp_path):
+    serving = str(tmp_path / "serving" / "housing")
+    publish_versions(serving, range(1, 9))
+    set_production(serving, DAY, reason="day 1", by="ci")
+    pointer = promote_at_once(serving, [2, 3, 4, 5, 6, 7], canary_day=8)
+    assert_no_promotion_lost(pointer, 1, [2, 3, 4, 5, 6, 7], 8)
+
+
+def test_promotions_at_once_on_s3_lose_no_update():
+    from s3_server import moto_s3
+    from tfjobs.storage import s3
+
+    with moto_s3() as endpoint:
+        s3.configure(lambda: endpoint.client(), source="the test endpoint")
+        try:
+            serving = f"s3://{endpoint.bucket}/serving/housing"
+            publish_versions(serving, range(1, 9))
+            set_production(serving, DAY, reason="day 1", by="ci")
+            pointer = promote_at_once(serving, [2, 3, 4, 5, 6, 7], canary_day=8)
+        finally:
+            s3.configure()
+    assert_no_promotion_lost(pointer, 1, [2, 3, 4, 5, 6, 7], 8)
+
+
+def first_write_loses_to(monkeypatch, before_first_write):
+    """Run ``before_first_write`` (another promotion) just before this process's first write of production.json."""
+    from tfjobs.storage.store import LocalStore
+
+    real, calls = LocalStore.write_conditional, []
+
+    def interleaved(self, uri, data, **condition):
+        if uri.endswith("production.json") and not calls:
+            calls.append(uri)
+            monkeypatch.setattr(LocalStore, "write_conditional", real)
+            before_first_write()
+            monkeypatch.setattr(LocalStore, "write_conditional", interleaved)
+        return real(self, uri, data, **condition)
+
+    monkeypatch.setattr(LocalStore, "write_conditional", interleaved)
+    return calls
+
+
+def test_a_promotion_that_lost_the_race_recomputes_on_the_winners_pointer(serving, monkeypatch):
+    set_production(serving, DAY, reason="first", by="ci")
+    calls = first_write_loses_to(monkeypatch, lambda: set_production(serving, 3 * DAY, reason="canary", canary=True))
+    set_production(serving, 2 * DAY, reason="second", by="ci")
+    assert calls
+    pointer = check_consistent(serving)
+    assert (pointer["version"], pointer["canary"]["version"], pointer["previous"]) == (2 * DAY, 3 * DAY, DAY)
+
+
+def test_an_older_day_never_displaces_a_newer_one_that_lands_while_it_promotes(serving, monkeypatch):
+    from tfjobs.promote import NotPromoted, promote_evaluated
+
+    set_production(serving, DAY, reason="first", by="ci")
+    first_write_loses_to(monkeypatch, lambda: set_production(serving, 3 * DAY, reason="day 3", by="ci"))
+    evaluation = {"blessed": True, "metrics": {"rmse": 1.0}, "reason": "blessed"}
+    with pytest.raises(NotPromoted, match="production version 259200 is a newer day's than 172800"):
+        promote_evaluated(serving, 2 * DAY, evaluation, run="r2", by="ci")
+    assert check_consistent(serving)["version"] == 3 * DAY
+
+
+def test_a_promotion_killed_before_models_config_converges_when_run_again(serving, monkeypatch):
+    from tfjobs import promote
+
+    set_production(serving, DAY, reason="first", by="ci")
+    real = promote.sync_models_config
+    monkeypatch.setattr(promote, "sync_models_config", lambda uri: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        set_production(serving, 2 * DAY, reason="second", by="ci")
+    with pytest.raises(ValueError, match="models.config does not match production.json"):
+        check_consistent(serving)
+    monkeypatch.setattr(promote, "sync_models_config", real)
+    again = set_production(serving, 2 * DAY, reason="second", by="ci")
+    assert not again.rewritten and check_consistent(serving)["version"] == 2 * DAY
+
+
+def test_a_promotion_that_keeps_losing_gives_up_naming_the_conflict(serving, monkeypatch):
+    from tfjobs import promote
+    from tfjobs.storage.store import LocalStore, PreconditionFailedError
+
+    set_production(serving, DAY, reason="first", by="ci")
+    monkeypatch.setattr(promote, "MAX_ATTEMPTS", 3)
+    def always_lost(self, uri, data, **condition):
+        raise PreconditionFailedError(uri, "was changed")
+
+    monkeypatch.setattr(LocalStore, "write_conditional", always_lost)
+    with pytest.raises(promote.PromotionConflictError, match=r"production.json changed 3 times .*Nothing of this one"):
+        set_production(serving, 2 * DAY, reason="second", by="ci")
+    assert production(serving)["version"] == DAY
+
+
+def test_a_rollback_that_a_promotion_overtakes_fails_rather_than_undo_it(serving, monkeypatch):
+    from tfjobs.rollback import ProductionChangedError
+
+    set_production(serving, DAY, reason="first", by="ci")
+    set_production(serving, 2 * DAY, reason="second", by="ci")
+    first_write_loses_to(monkeypatch, lambda: set_production(serving, 3 * DAY, reason="third", by="ci"))
+    with pytest.raises(ProductionChangedError, match="changed from version 172800 to 259200 while this rollback ran"):
+        rollback(serving, by="bob")
+    pointer = check_consistent(serving)
+    assert (pointer["version"], pointer["previous"]) == (3 * DAY, 2 * DAY)
+
+
+def test_pruning_keeps_a_version_that_another_run_promotes_while_it_prunes(tmp_path, monkeypatch):
+    from tfjobs import promote
+
+    serving = str(tmp_path / "serving" / "housing")
+    publish_versions(serving, range(1, 6))
+    set_production(serving, 5 * DAY, reason="day 5", by="ci")
+    real, promoted = promote.production, []
+
+    def promotion_lands_after_the_listing(uri):  # another run promotes day 1 while prune walks the versions
+        if not promoted:
+            promoted.append(set_production(serving, DAY, reason="day 1 by hand", by="alice"))
+        return real(uri)
+
+    monkeypatch.setattr(promote, "production", promotion_lands_after_the_listing)
+    pruned = prune(serving, keep_versions=2)
+    assert promoted and pruned == [2 * DAY, 3 * DAY, 4 * DAY]  # day 1 is production now: kept
+    assert sorted(published_versions(serving)) == [DAY, 5 * DAY]
+    assert check_consistent(serving)["version"] == DAY
+
+
+def test_a_promotion_of_a_version_pruned_meanwhile_leaves_production_as_it_was(serving):
+    from tfjobs.storage.store import LocalStore
+
+    set_production(serving, DAY, reason="first", by="ci")
+    calls = []
+
+    def prune_day_2(old):  # another promotion's prune, between the listing and the write
+        calls.append(LocalStore().delete(f"{serving}/{2 * DAY}"))
+
+    with pytest.raises(FileNotFoundError, match="Version 172800 .* was deleted .* production was not changed"):
+        set_production(serving, 2 * DAY, reason="second", by="ci", check=prune_day_2)
+    assert calls and check_consistent(serving)["version"] == DAY

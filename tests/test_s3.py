@@ -444,3 +444,181 @@ def test_keys_that_fail_to_delete_transiently_are_deleted_again(endpoint, bucket
 
 def test_local_store_is_untouched_by_s3_configuration(tmp_path):
     assert isinstance(store_for(str(tmp_path)), LocalStore)
+
+
+def test_conditional_writes_over_http_create_once_and_swap_only_the_etag_they_read(bucket):
+    """moto answers If-None-Match: * and If-Match on PutObject with 412 PreconditionFailed, as S3 does."""
+    from test_store import check_conditional_writes
+
+    check_conditional_writes(store_for(bucket), f"{bucket}/conditional/production.json",
+                             f"{bucket}/conditional/nothing", lost="S3 answered PreconditionFailed")
+
+
+def test_a_conditional_put_whose_answer_was_lost_is_not_reported_as_lost(endpoint, bucket):
+    """botocore retries a PUT whose answer was dropped; the retry fails its condition though the first try won."""
+    from botocore.exceptions import ClientError
+
+    from tfjobs.storage.store import PreconditionFailedError
+
+    real = endpoint.client()
+
+    class AnswerLost:  # the PUT takes effect, then the client sees 412 (what the retry of a dropped answer gets)
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def put_object(self, **kwargs):
+            real.put_object(**kwargs)
+            raise ClientError({"Error": {"Code": "PreconditionFailed", "Message": "retried"}}, "PutObject")
+
+    s3.configure(lambda: AnswerLost(), source="the test endpoint")
+    store, uri = store_for(bucket), f"{bucket}/lost-answer/claim"
+    token = store.write_conditional(uri, b"mine", if_absent=True)
+    assert store.read_versioned(uri) == (b"mine", token)
+    with pytest.raises(PreconditionFailedError):  # another writer's bytes: a real loss
+        store.write_conditional(uri, b"someone else's", if_absent=True)
+
+
+def two_models(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name / "variables").mkdir(parents=True)
+        for file in ("saved_model.pb", "variables/data", "shardline.json"):
+            (tmp_path / name / file).write_text(f"{name}:{file}")
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_exclusive_publishes_racing_for_one_version_over_http_leave_one_whole(bucket, tmp_path):
+    """Two runs publish different models as one version at once: the claim lets exactly one in, the other is
+    refused before it copies anything, and the winner's files are whole."""
+    from tfjobs.storage.store import AlreadyPublishedError, claim_uri
+
+    store = store_for(bucket)
+    models = dict(zip("ab", two_models(tmp_path)))
+    for attempt in range(4):
+        target = f"{bucket}/race/serving/m/{attempt + 1}"
+        barrier, outcomes = threading.Barrier(2), {}
+
+        def publish(name):
+            barrier.wait()
+            try:
+                store.publish_dir(models[name], target, last=["saved_model.pb"], exclusive=True,
+                                  owner=f"weights-{name}")
+                outcomes[name] = "published"
+            except AlreadyPublishedError as err:
+                outcomes[name] = str(err)
+
+        threads = [threading.Thread(target=publish, args=(name,)) for name in "ab"]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(outcomes) == 2 and list(outcomes.values()).count("published") == 1, outcomes
+        winner, loser = sorted(outcomes, key=lambda name: outcomes[name] != "published")
+        assert re.search(rf"{target} (is claimed by another publisher|was published by another run)", outcomes[loser])
+        names = {uri[len(target) + 1:]: store.read_bytes(uri).decode() for uri in store.list(target)}
+        assert names == {f: f"{winner}:{f}" for f in ("saved_model.pb", "variables/data", "shardline.json")}
+        assert not store.exists(claim_uri(target))  # published: the markers keep others out from here on
+    leftovers = [u for u in store.list(f"{bucket}/race") if "/.staging-" in u or "/.claims/" in u]
+    assert leftovers == []
+
+
+def test_a_killed_publish_is_taken_over_by_its_own_retry_and_kept_from_other_models(bucket, tmp_path):
+    """A run killed mid-copy leaves its claim and part of its files: a retry of the same model (same owner)
+    replaces them, another model is refused that version."""
+    from tfjobs.export import claimed_versions
+    from tfjobs.storage.store import AlreadyPublishedError, claim_uri
+
+    store = store_for(bucket)
+    a, b = two_models(tmp_path)
+    serving = f"{bucket}/killed/serving/m"
+    target = f"{serving}/86400"
+    store.claim(target, owner="weights-a")  # what the killed run did first
+    store.write_bytes(f"{target}/variables/data", b"half of a's copy")
+    assert claimed_versions(serving, 86_400, 2 * 86_400, owner="weights-b") == {86_400}
+    assert claimed_versions(serving, 86_400, 2 * 86_400, owner="weights-a") == set()
+    with pytest.raises(AlreadyPublishedError, match=rf"{target} is claimed by another publisher \(owner weights-a"):
+        store.publish_dir(b, target, last=["saved_model.pb"], exclusive=True, owner="weights-b")
+    assert store.read_bytes(f"{target}/variables/data") == b"half of a's copy"  # the refused run touched nothing
+    store.publish_dir(a, target, last=["saved_model.pb"], exclusive=True, owner="weights-a")
+    assert {u[len(target) + 1:] for u in store.list(target)} == {"saved_model.pb", "variables/data", "shardline.json"}
+    assert store.read_bytes(f"{target}/variables/data") == b"a:variables/data"
+    assert not store.exists(claim_uri(target))
+
+
+def test_a_retry_that_lost_its_claim_to_another_retry_stops_before_its_markers(bucket, tmp_path, monkeypatch):
+    """Two retries of one model: the one whose claim was taken over while it copied leaves the version alone."""
+    from tfjobs.storage.store import ClaimLostError, ObjectStore, claim_uri
+
+    store = store_for(bucket)
+    a, _ = two_models(tmp_path)
+    target = f"{bucket}/takeover/serving/m/5"
+    real_replace = ObjectStore._replace_dir
+
+    def taken_over_midway(self, uri, files, last, put, before_markers=lambda: None):
+        def other_retry_claims_then_check():
+            self.claim(uri, owner="weights-a")  # the other retry takes the claim over here
+            before_markers()
+        return real_replace(self, uri, files, last, put, other_retry_claims_then_check)
+
+    monkeypatch.setattr(ObjectStore, "_replace_dir", taken_over_midway)
+    with pytest.raises(ClaimLostError, match=rf"{target} was taken over by another run of the same model"):
+        store.publish_dir(a, target, last=["saved_model.pb"], exclusive=True, owner="weights-a")
+    assert not store.exists(f"{target}/saved_model.pb")  # no marker: the other retry finishes the version
+    assert store.exists(f"{target}/variables/data")  # and its files were not deleted under it
+    assert store.exists(claim_uri(target))
+    assert not [u for u in store.list(f"{bucket}/takeover") if "/.staging-" in u]
+
+
+def test_two_exports_of_different_models_racing_for_one_version_on_s3(bucket, penguins_pipeline, monkeypatch):
+    """A manual trigger and the scheduled run export different models for the same date at once: both pick the
+    same version, the claim lets one publish, the other fails saying so, and its retry takes the next version."""
+    from tfjobs import export as export_module
+    from tfjobs.export import ExportArgs, VersionTakenError, export_model
+    from tfjobs.storage.store import ObjectStore
+
+    run = penguins_pipeline
+    serving = f"{bucket}/export-race/serving/penguins"
+    args = ExportArgs(run.spec, run.train.model_uri, run.adapt.state_uri, run.shard.manifest_uri,
+                      run.evaluate.metrics_uri, serving, run.export.version)
+    fingerprint = export_module.weights_fingerprint  # each thread exports "another model": its own fingerprint
+    monkeypatch.setattr(export_module, "weights_fingerprint",
+                        lambda model: f"{threading.current_thread().name}-{fingerprint(model)}")
+    barrier, claim = threading.Barrier(2), ObjectStore.claim
+
+    def claim_together(self, uri, owner=""):  # both have chosen their version before either claims it
+        barrier.wait(timeout=300)
+        return claim(self, uri, owner)
+
+    monkeypatch.setattr(ObjectStore, "claim", claim_together)
+    outcomes = {}
+
+    def export(name):
+        try:
+            outcomes[name] = export_model(args)
+        except VersionTakenError as err:
+            outcomes[name] = err
+
+    threads = [threading.Thread(target=export, args=(name,), name=name) for name in ("manual", "scheduled")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lost = {name: o for name, o in outcomes.items() if isinstance(o, VersionTakenError)}
+    won = {name: o for name, o in outcomes.items() if not isinstance(o, VersionTakenError)}
+    assert len(lost) == len(won) == 1, outcomes
+    (winner, result), (loser, error) = next(iter(won.items())), next(iter(lost.items()))
+    assert result.version == args.version
+    assert re.search(rf"Version {args.version} under {serving} was taken by another run while this one exported "
+                     r"\(.*(is claimed by another publisher|was published by another run)", str(error))
+    metadata = read_json(f"{serving}/{args.version}/shardline.json")
+    assert metadata["weights_sha256"].startswith(f"{winner}-")  # the winner's files, whole
+    assert {"saved_model.pb", "variables/variables.index", "shardline.json"} <= {
+        u[len(f"{serving}/{args.version}/"):] for u in store_for(serving).list(f"{serving}/{args.version}")}
+
+    monkeypatch.setattr(ObjectStore, "claim", claim)
+    retried = {}
+    retry = threading.Thread(target=lambda: retried.update(result=export_model(args)), name=loser)
+    retry.start()
+    retry.join()
+    assert retried["result"].version == args.version + 1  # the next free second of the day
+    assert read_json(f"{serving}/{args.version}/shardline.json") == metadata  # the winner's version untouched
+    assert not [u for u in store_for(serving).list(serving) if "/.claims/" in u or "/.staging-" in u]

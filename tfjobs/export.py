@@ -20,9 +20,13 @@ predicts raw test rows, rows with each feature missing or never seen in training
 and the same rows as CSV text with whitespace and NA-token variants through
 ``serving_raw``; its answers must match the training pipeline's predictions for
 the clean rows (training/serving skew check). The version is then published:
-renamed into place on a local store; on an object store uploaded under a hidden
-staging prefix and copied into ``<version>/`` on the server, ``saved_model.pb``
-last (TF Serving loads any integer directory it finds, complete or not).
+renamed into place on a local store (atomic: of two runs racing for one version,
+exactly one wins); on an object store the version is first claimed atomically
+(``<serving>/.claims/<version>``, a create-if-absent PUT), then uploaded under a hidden
+staging prefix and copied into ``<version>/`` on the server, ``saved_model.pb`` last
+(TF Serving loads any integer directory it finds, complete or not). A run that loses
+the race fails with :class:`VersionTakenError` and never touches the winner's files;
+a retry of the same model (same weights fingerprint) after a kill takes over its own claim.
 
 Versions are integers; the caller proposes one (the run's logical date in Unix
 seconds). Published versions are never overwritten: re-exporting the same model
@@ -52,7 +56,14 @@ import numpy as np
 from tfjobs import cli
 from tfjobs.promote import run_of
 from tfjobs.spec import PipelineSpec, load_spec
-from tfjobs.storage.store import AlreadyPublishedError, join, read_json, staging_dir, store_for
+from tfjobs.storage.store import (
+    CLAIMS_DIR,
+    AlreadyPublishedError,
+    join,
+    read_json,
+    staging_dir,
+    store_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +120,25 @@ def published_versions(serving_uri: str) -> dict[int, str]:
     return dict(sorted(versions.items()))
 
 
+def claimed_versions(serving_uri: str, first: int, end: int, owner: str) -> set[int]:
+    """Versions in ``[first, end)`` claimed by a publish of another model that never finished (killed).
+
+    On an object store an exclusive publish first claims its version
+    (``<serving>/.claims/<version>``, see ``ObjectStore.claim``) and drops the claim once
+    published; a leftover claim of another owner keeps that number off this model.
+    """
+    store = store_for(serving_uri)
+    taken = set()
+    prefix = join(serving_uri, CLAIMS_DIR) + "/"
+    for uri in store.list(join(serving_uri, CLAIMS_DIR)):
+        name = uri[len(prefix):]
+        if name.isdigit() and first <= int(name) < end:
+            current = store.read_versioned(uri)
+            if current is not None and json.loads(current[0]).get("owner") != owner:
+                taken.add(int(name))
+    return taken
+
+
 def weights_fingerprint(model) -> str:
     digest = hashlib.sha256()
     for weights in model.get_weights():
@@ -142,7 +172,8 @@ def export_model(args: ExportArgs) -> ExportResult:
     # TF Serving serves the highest version: a retrained day takes the next free second of that
     # UTC day, never max(versions) + 1, so that versions keep the order of the data's dates.
     next_day = (args.version // 86_400 + 1) * 86_400
-    version = next((v for v in range(args.version, next_day) if v not in versions), None)
+    taken = set(versions) | claimed_versions(args.serving_uri, args.version, next_day, fingerprint)
+    version = next((v for v in range(args.version, next_day) if v not in taken), None)
     if version is None:
         raise RuntimeError(
             f"No free serving version under {args.serving_uri} from {args.version} to the end of its day "
@@ -150,7 +181,8 @@ def export_model(args: ExportArgs) -> ExportResult:
             "longer serve, or propose a version of another day."
         )
     if version != args.version:
-        log.info("Version %d already holds another model; publishing as version %d", args.version, version)
+        log.info("Version %d already holds (or is claimed for) another model; publishing as version %d",
+                 args.version, version)
 
     state = read_json(args.state_uri)
     statistics = _training_statistics(args)
@@ -180,10 +212,10 @@ def export_model(args: ExportArgs) -> ExportResult:
         (model_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         version_uri = join(args.serving_uri, str(version))
         try:  # another run of the day (a manual trigger and the scheduled one) may have taken the version meanwhile
-            store.publish_dir(model_dir, version_uri, last=[SAVED_MODEL_MARKER], exclusive=True)
+            store.publish_dir(model_dir, version_uri, last=[SAVED_MODEL_MARKER], exclusive=True, owner=fingerprint)
         except AlreadyPublishedError as err:
             raise VersionTakenError(
-                f"Version {version} under {args.serving_uri} was published by another run while this one exported: "
+                f"Version {version} under {args.serving_uri} was taken by another run while this one exported ({err}): "
                 "it was not overwritten. Run the export again (retry the task): it takes the next free version, "
                 "or finds this model already published."
             ) from err

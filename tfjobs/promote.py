@@ -19,8 +19,16 @@ the highest version: TF Serving's default policy would serve a newer version tha
 rolled back from. Clients should ask for a label (``/v1/models/<name>/labels/stable:predict``):
 when a canary is loaded too, a request without a version goes to the higher of the two.
 Each file is written whole, in one request (``os.replace`` on a local store, one PUT
-on S3): ``models.config`` first, ``production.json`` last, so re-running a promotion
-that failed in between repairs both.
+on S3). ``production.json`` is the commit point, written with a compare-and-swap
+(:meth:`~tfjobs.storage.store.ObjectStore.write_conditional`: ``If-Match`` its ETag on S3,
+a locked hash check on a local store): a promotion reads the pointer and its token,
+computes the new pointer from it and writes it only if nobody wrote meanwhile, else reads
+again and recomputes (:data:`MAX_ATTEMPTS`, then :class:`PromotionConflictError`). So
+promotions, canaries and rollbacks running at once all land, each in the pointer or its
+history. ``models.config`` is then rendered from the pointer as it is after the write,
+and the pointer is read again: whoever changed it meanwhile, the last config written
+matches the last pointer. Re-running a promotion that was killed in between finds its
+version in production and rewrites ``models.config`` (:func:`sync_models_config`).
 
 Promotion keeps the newest ``serving.keep_versions`` versions and deletes older ones,
 oldest first; never the production version nor the canary.
@@ -33,11 +41,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import getpass
+import json
 import logging
+import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tfjobs import cli
-from tfjobs.storage.store import join, read_json, read_json_if_exists, store_for, write_json
+from tfjobs.storage.store import PreconditionFailedError, join, read_json, read_json_if_exists, store_for
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,12 @@ MODELS_CONFIG_FILE = "models.config"
 #: Earlier pointers kept in ``production.json``'s history (rollback's default target is the latest of them).
 HISTORY_LENGTH = 20
 STABLE, CANARY = "stable", "canary"
+#: Tries of a promotion's compare-and-swap of production.json before it gives up.
+MAX_ATTEMPTS = 30
+
+
+class PromotionConflictError(RuntimeError):
+    """production.json kept changing under a promotion (others promoted at once); nothing of it was written."""
 
 
 @dataclass(frozen=True)
@@ -132,13 +150,71 @@ def base_path(serving_uri: str) -> str:
     return str(path.resolve()) if path is not None else serving_uri.rstrip("/")
 
 
-def write_pointer(serving_uri: str, pointer: dict) -> None:
-    """``models.config`` then ``production.json``, each in one write."""
+def pointer_bytes(pointer: dict) -> bytes:
+    return (json.dumps(pointer, indent=2, sort_keys=True) + "\n").encode()
+
+
+def config_for(serving_uri: str, pointer: dict) -> str:
     canary = (pointer.get("canary") or {}).get("version")
-    config = models_config(pointer["model_name"], base_path(serving_uri), pointer["version"], canary)
-    uri = join(serving_uri, MODELS_CONFIG_FILE)
-    store_for(uri).write_bytes(uri, config.encode())
-    write_json(join(serving_uri, PRODUCTION_FILE), pointer)
+    return models_config(pointer["model_name"], base_path(serving_uri), pointer["version"], canary)
+
+
+def update_pointer(serving_uri: str, change: Callable[[dict | None], dict | None]) -> tuple[dict | None, bool]:
+    """Compare-and-swap ``production.json``: ``change(current)`` gives the new pointer (None: leave it).
+
+    ``change`` runs again on the fresh pointer each time another writer got there
+    first; it may raise to refuse. Then ``models.config`` is brought in line
+    (:func:`sync_models_config`). Returns the pointer as this call left it, and
+    whether it wrote it.
+    """
+    uri = join(serving_uri, PRODUCTION_FILE)
+    store = store_for(uri)
+    for attempt in range(MAX_ATTEMPTS):
+        current = store.read_versioned(uri)
+        old = json.loads(current[0]) if current is not None else None
+        new = change(old)
+        if new is None:
+            sync_models_config(serving_uri)
+            return old, False
+        try:
+            if current is None:
+                store.write_conditional(uri, pointer_bytes(new), if_absent=True)
+            else:
+                store.write_conditional(uri, pointer_bytes(new), if_match=current[1])
+        except PreconditionFailedError:
+            log.info("%s changed while this promotion computed its update (try %d): reading it again", uri, attempt + 1)
+            time.sleep(random.uniform(0, min(1.0, 0.02 * 2**attempt)))
+            continue
+        sync_models_config(serving_uri)
+        return new, True
+    raise PromotionConflictError(
+        f"{uri} changed {MAX_ATTEMPTS} times while this promotion tried to write it: other promotions or rollbacks "
+        "of this model ran at the same time, and theirs landed. Nothing of this one was written; run it again.")
+
+
+def sync_models_config(serving_uri: str) -> None:
+    """Write ``models.config`` from ``production.json``, until the pointer read after the write is the one it came from.
+
+    A promotion that commits later than ours writes its own config after its commit; one
+    that read the pointer before ours may write its stale config after ours, but then
+    finds the pointer changed and writes again. So the last config written is the last pointer's.
+    """
+    uri, config_uri = join(serving_uri, PRODUCTION_FILE), join(serving_uri, MODELS_CONFIG_FILE)
+    store = store_for(uri)
+    current = store.read_versioned(uri)
+    while current is not None:
+        config = config_for(serving_uri, json.loads(current[0])).encode()
+        if not store.exists(config_uri) or store.read_bytes(config_uri) != config:
+            store.write_bytes(config_uri, config)
+        after = store.read_versioned(uri)
+        if after is not None and after[1] == current[1]:
+            return
+        current = after
+
+
+def write_pointer(serving_uri: str, pointer: dict) -> None:
+    """Replace ``production.json`` with ``pointer`` whatever it holds (by compare-and-swap), then ``models.config``."""
+    update_pointer(serving_uri, lambda old: pointer)
 
 
 def set_production(
@@ -153,15 +229,21 @@ def set_production(
     canary: bool = False,
     keep_versions: int | None = None,
     model_name: str = "",
+    check: Callable[[dict | None], None] | None = None,
 ) -> PromoteResult:
-    """Point production (or, with ``canary``, the canary label) at a published ``version``; prune old versions."""
+    """Point production (or, with ``canary``, the canary label) at a published ``version``; prune old versions.
+
+    A compare-and-swap of ``production.json`` (:func:`update_pointer`): the new pointer
+    is computed from the current one again whenever another promotion wrote first, so
+    none is lost. ``check(current_pointer)`` runs on each try and may raise to refuse
+    (``promote_evaluated``: never over a newer day's version).
+    """
     from tfjobs.export import METADATA_FILE, published_versions
 
     versions = published_versions(serving_uri)
     if version not in versions:
         raise FileNotFoundError(f"Version {version} is not published under {serving_uri}; versions: {list(versions)}")
     metadata = read_json_if_exists(join(versions[version], METADATA_FILE)) or {}
-    old = production(serving_uri)
     production_uri, config_uri = join(serving_uri, PRODUCTION_FILE), join(serving_uri, MODELS_CONFIG_FILE)
     entry = {
         "version": version,
@@ -172,25 +254,39 @@ def set_production(
         "reason": reason,
         "forced": forced,
     }
-    if canary:
-        if old is None:
-            raise ValueError(f"{serving_uri} has no production version yet: promote {version} before adding a canary")
-        if old.get("canary", {}) and old["canary"].get("version") == version:
-            return PromoteResult(old["version"], production_uri, config_uri, None, version, [], False)
-        pointer = {**old, "canary": entry}
-    else:
+
+    marker = join(versions[version], "saved_model.pb")
+
+    def change(old: dict | None) -> dict | None:
+        if check is not None:
+            check(old)
+        if not store_for(marker).exists(marker):  # pruned by a concurrent promotion since we listed the versions
+            raise FileNotFoundError(f"Version {version} under {serving_uri} was deleted (pruned by another promotion) "
+                                    "while this one promoted it; production was not changed")
+        if canary:
+            if old is None:
+                raise ValueError(
+                    f"{serving_uri} has no production version yet: promote {version} before adding a canary")
+            if old.get("canary", {}) and old["canary"].get("version") == version:
+                return None
+            return {**old, "canary": entry}
         if old is not None and old["version"] == version and not (old.get("canary") or {}).get("version") == version:
             log.info("Version %d is already production at %s; nothing rewritten", version, production_uri)
-            return PromoteResult(version, production_uri, config_uri, old.get("previous"),
-                                 (old.get("canary") or {}).get("version"), [], False)
+            return None
         history = [] if old is None else [_summary(old)] + old.get("history", [])
         kept_canary = (old or {}).get("canary")
         if kept_canary and kept_canary.get("version") == version:
             kept_canary = None  # the canary became production
-        pointer = {"model_name": model_name or metadata.get("model_name") or serving_uri.rstrip("/").rsplit("/", 1)[-1],
-                   **entry, "canary": kept_canary, "previous": old["version"] if old else None,
-                   "history": history[:HISTORY_LENGTH]}
-    write_pointer(serving_uri, pointer)
+        return {"model_name": model_name or metadata.get("model_name") or serving_uri.rstrip("/").rsplit("/", 1)[-1],
+                **entry, "canary": kept_canary, "previous": old["version"] if old else None,
+                "history": history[:HISTORY_LENGTH]}
+
+    pointer, written = update_pointer(serving_uri, change)
+    if not written:
+        canary_version = (pointer.get("canary") or {}).get("version")
+        if canary:
+            return PromoteResult(pointer["version"], production_uri, config_uri, None, canary_version, [], False)
+        return PromoteResult(version, production_uri, config_uri, pointer.get("previous"), canary_version, [], False)
     log.info("%s of %s is now version %d: %s", "Canary" if canary else "Production", serving_uri, version, reason)
     pruned = prune(serving_uri, keep_versions) if keep_versions else []
     canary_version = (pointer.get("canary") or {}).get("version")
@@ -212,16 +308,20 @@ def promote_evaluated(serving_uri: str, version: int, evaluation: dict, *, run: 
     """
     if not evaluation["blessed"]:
         raise NotPromoted(f"Not promoted: {evaluation.get('reason') or '; '.join(evaluation['failures'])}")
-    pointer = production(serving_uri)
-    if pointer is not None and pointer["version"] > version and not evaluation.get("forced"):
-        raise NotPromoted(
-            f"Not promoted: production version {pointer['version']} is a newer day's than {version} (a backfill or "
-            f"a re-run of an older day). Promote it by hand if it should serve: python -m tfjobs.promote "
-            f"--serving {serving_uri} --version {version}")
+
+    def not_over_a_newer_day(pointer: dict | None) -> None:  # checked on every try: a newer day may land meanwhile
+        if pointer is not None and pointer["version"] > version and not evaluation.get("forced"):
+            raise NotPromoted(
+                f"Not promoted: production version {pointer['version']} is a newer day's than {version} (a backfill "
+                f"or a re-run of an older day). Promote it by hand if it should serve: python -m tfjobs.promote "
+                f"--serving {serving_uri} --version {version}")
+
+    not_over_a_newer_day(production(serving_uri))
     return set_production(
         serving_uri, version, reason=evaluation.get("reason", "blessed"), by=by, run=run,
         metrics={k: v for k, v in evaluation["metrics"].items() if isinstance(v, float)},
         forced=evaluation.get("forced"), keep_versions=keep_versions, model_name=model_name,
+        check=not_over_a_newer_day,
     )
 
 
@@ -230,11 +330,14 @@ def _summary(pointer: dict) -> dict:
 
 
 def prune(serving_uri: str, keep_versions: int) -> list[int]:
-    """Delete the oldest versions beyond ``keep_versions``, never production's or the canary's; the deleted ones."""
+    """Delete the oldest versions beyond ``keep_versions``, never production's or the canary's; the deleted ones.
+
+    The pointer is read again before each deletion, so a version promoted by another run
+    meanwhile is kept; a promotion re-checks that its version is still published on each
+    try of its write. (What is left: a promotion landing between that read and the delete.)
+    """
     from tfjobs.export import published_versions
 
-    pointer = production(serving_uri) or {}
-    protected = {pointer.get("version"), (pointer.get("canary") or {}).get("version")}
     versions = published_versions(serving_uri)
     excess = len(versions) - keep_versions
     pruned = []
@@ -242,7 +345,8 @@ def prune(serving_uri: str, keep_versions: int) -> list[int]:
     for version, uri in versions.items():  # oldest first
         if excess <= 0:
             break
-        if version in protected:
+        pointer = production(serving_uri) or {}
+        if version in (pointer.get("version"), (pointer.get("canary") or {}).get("version")):
             continue
         # saved_model.pb first: a half-deleted directory is then no version, for TF Serving nor for Shardline.
         store.delete(join(uri, "saved_model.pb"))

@@ -4,9 +4,11 @@ Rewrites ``production.json`` and TF Serving's ``models.config`` (:mod:`tfjobs.pr
 no model file moves, so it takes a second on any store, and a TF Serving started with
 that config loads the version at its next poll. By default the target is the version
 that was production before the current one (the newest of ``production.json``'s
-history that is still published); ``--to`` names one. The rollback is recorded in the
-pointer (who, when, from which version, why), and the version rolled back from stays
-published until pruning removes it: promoting it again is one command too.
+history that is still published); ``--to`` names one. If another promotion lands while
+it runs, the rollback fails (:class:`ProductionChangedError`) rather than undo that
+one. The rollback is recorded in the pointer (who, when, from which version, why), and
+the version rolled back from stays published until pruning removes it: promoting it
+again is one command too.
 
     python -m tfjobs.rollback --serving <store>/serving/housing [--to 1795478400] --by alice --reason "bad day"
 """
@@ -40,7 +42,19 @@ def rollback(serving_uri: str, to: int | None = None, *, by: str = "", reason: s
         raise FileNotFoundError(f"{serving_uri} has no production.json: nothing was promoted, nothing to roll back")
     target = to or rollback_target(serving_uri)
     why = f"rollback from version {pointer['version']}" + (f": {reason}" if reason else "")
-    return set_production(serving_uri, target, reason=why, by=by)
+
+    def still_rolling_back_the_same(current: dict | None) -> None:  # checked again on each try of the write
+        if current is None or current["version"] != pointer["version"]:
+            raise ProductionChangedError(
+                f"Production of {serving_uri} changed from version {pointer['version']} to "
+                f"{(current or {}).get('version')} while this rollback ran (another promotion or rollback landed "
+                "first); nothing was rolled back. Check what serves now and roll back again if still needed.")
+
+    return set_production(serving_uri, target, reason=why, by=by, check=still_rolling_back_the_same)
+
+
+class ProductionChangedError(RuntimeError):
+    """A rollback lost a race: production moved to another version between reading it and rolling it back."""
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tfjobs.storage.store import ObjectStore, register_backend
+from tfjobs.storage.store import ObjectStore, PreconditionFailedError, _check_condition, register_backend
 
 MAX_ATTEMPTS = 10
 MULTIPART_THRESHOLD = 16 << 20
@@ -61,6 +61,8 @@ BOTOCORE_DEFAULTS: dict[str, Any] = {
 }
 #: Per-key ``DeleteObjects`` errors worth another try.
 TRANSIENT_DELETE_ERRORS = frozenset({"InternalError", "SlowDown", "ServiceUnavailable", "RequestTimeout"})
+#: A conditional write lost: 412 PreconditionFailed, or 409 while another conditional write of the key is in flight.
+CONDITION_ERRORS = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 ACCESS_ERRORS = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "ExpiredToken"})
 
 
@@ -235,6 +237,42 @@ class S3Store(ObjectStore):
             client().put_object(Bucket=bucket, Key=key, Body=data)
         except Exception as err:
             raise _explain(err, "write", uri) from err
+
+    def read_versioned(self, uri: str) -> tuple[bytes, str] | None:
+        """The object and its ETag."""
+        bucket, key = split_uri(uri)
+        try:
+            response = client().get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+            return response["Body"].read(), response["ETag"]
+        except Exception as err:
+            if _missing(err):
+                return None
+            raise _explain(err, "read", uri) from err
+
+    def write_conditional(self, uri: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """One ``PutObject`` with ``If-None-Match: *`` or ``If-Match: <ETag>``: S3 checks and writes atomically.
+
+        botocore retries a PUT whose answer was lost; the retry then fails its own condition
+        although the first try won. So a lost condition is reported only if the object does
+        not hold exactly ``data`` now (callers put a nonce or a timestamp in what they write).
+        """
+        from botocore.exceptions import ClientError
+
+        _check_condition(uri, if_absent, if_match)
+        bucket, key = split_uri(uri)
+        condition = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match}
+        try:
+            return client().put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+        except Exception as err:
+            cause = _botocore_cause(err)
+            code = cause.response.get("Error", {}).get("Code") if isinstance(cause, ClientError) else None
+            if code not in CONDITION_ERRORS and not (if_match is not None and _missing(err)):
+                raise _explain(err, "write", uri) from err
+            current = self.read_versioned(uri)
+            if current is not None and current[0] == data:
+                return current[1]
+            state = "exists" if if_absent else ("is absent" if current is None else "was changed")
+            raise PreconditionFailedError(uri, f"{state} (S3 answered {code or 'NoSuchKey'})") from err
 
     def list(self, prefix: str) -> list[str]:
         bucket, key = split_uri(prefix)

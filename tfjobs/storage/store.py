@@ -31,8 +31,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 import urllib.parse
 import uuid
 from abc import ABC, abstractmethod
@@ -47,6 +49,8 @@ _CHUNK = 1 << 20
 PUBLISH_CONCURRENCY = 8
 STAGING_PREFIX = "shardline-"  # local staging directories: <temp folder>/shardline-<random>, see StagingDir
 _LOCK_SUFFIX = ".lock"
+CLAIMS_DIR = ".claims"  # <parent>/.claims/<name>: who publishes <parent>/<name>, see ObjectStore.claim
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # .<name>.<uuid>.tmp, see owned_temp
 
 
 class ObjectStore(ABC):
@@ -61,6 +65,19 @@ class ObjectStore(ABC):
     @abstractmethod
     def write_bytes(self, uri: str, data: bytes) -> None:
         """Write one object; readers see the old object or the new one, never a part."""
+
+    def read_versioned(self, uri: str) -> tuple[bytes, str] | None:
+        """The object and its version token (for :meth:`write_conditional`'s ``if_match``), or None if absent."""
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
+
+    def write_conditional(self, uri: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Write one object only if it is absent (``if_absent``) or still the version ``if_match`` names.
+
+        The check and the write are one atomic step against every other conditional
+        writer; a lost condition raises :class:`PreconditionFailedError` and writes
+        nothing. Returns the new version token. Exactly one condition must be given.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no conditional writes")
 
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
@@ -90,7 +107,7 @@ class ObjectStore(ABC):
         """Copy one object within the store (``size``, when known, saves asking the store)."""
 
     def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = (), *, staged: bool = True,
-                    exclusive: bool = False) -> None:
+                    exclusive: bool = False, owner: str = "") -> None:
         """Make ``uri`` hold exactly a local directory's files, the files named in ``last`` put last.
 
         Files named in ``last`` (relative paths) are the markers readers wait for,
@@ -107,18 +124,32 @@ class ObjectStore(ABC):
         On failure ``uri`` is removed (a partial directory must not be taken for a
         version) and so is the staging prefix.
 
-        ``exclusive``: raise :class:`AlreadyPublishedError` if ``uri`` is already published (its
-        markers are there), for a new version that another run may publish meanwhile; the
-        leftovers of a killed publish are replaced. Here it is checked before the copies, not
-        atomically with them (the local store's rename is atomic).
+        ``exclusive``: for a new version that another run may publish meanwhile. ``uri`` is
+        first claimed atomically (:meth:`claim`: a create-if-absent write of
+        ``<parent>/.claims/<name>``, before any file is copied); :class:`AlreadyPublishedError`
+        if another owner holds the claim or ``uri`` is already published (its markers are
+        there). ``owner`` says what is published (export passes the weights' fingerprint):
+        a publish by the same owner takes over its own claim, the leftover of a killed run,
+        and replaces that run's partial files. Before the markers go in, the claim is read
+        again; if another run of the same owner took it over meanwhile, this one stops
+        (:class:`ClaimLostError`) and leaves ``uri`` to it. (The local store's rename is
+        atomic and needs no claim.)
         """
         local_dir = Path(local_dir)
         files = _files_with_markers(local_dir, last)
-        if exclusive and any(self.exists(join(uri, marker)) for marker in last):
-            raise AlreadyPublishedError(uri)
+        before_markers: Callable[[], None] = lambda: None  # noqa: E731
+        if exclusive:
+            token = self.claim(uri, owner)
+            if any(self.exists(join(uri, marker)) for marker in last):
+                self._release_claim(uri)
+                raise AlreadyPublishedError(uri)
+            before_markers = lambda: self._check_claim(uri, token)  # noqa: E731
         if not staged:
             with self._removed_on_failure(uri):
-                self._replace_dir(uri, files, last, lambda rel: self.upload(local_dir / rel, join(uri, rel)))
+                self._replace_dir(uri, files, last, lambda rel: self.upload(local_dir / rel, join(uri, rel)),
+                                  before_markers)
+            if exclusive:
+                self._release_claim(uri)
             return
         staging = staging_uri(uri)
         with self._removed_on_failure(staging):
@@ -127,7 +158,10 @@ class ObjectStore(ABC):
             self._replace_dir(
                 uri, files, last,
                 lambda rel: self.copy(join(staging, rel), join(uri, rel), size=(local_dir / rel).stat().st_size),
+                before_markers,
             )
+        if exclusive:
+            self._release_claim(uri)
         try:
             self.delete(staging)
         except Exception as err:
@@ -136,7 +170,8 @@ class ObjectStore(ABC):
                 "Readers ignore it (its name is not an integer); delete it once the cause is fixed."
             ) from err
 
-    def _replace_dir(self, uri: str, files: list[str], last: Sequence[str], put: Callable[[str], None]) -> None:
+    def _replace_dir(self, uri: str, files: list[str], last: Sequence[str], put: Callable[[str], None],
+                     before_markers: Callable[[], None] = lambda: None) -> None:
         """Old markers out, the other files in (concurrently), stale objects out, the markers in."""
         existing = set(self.list(uri))
         old_markers = {join(uri, marker) for marker in last} & existing
@@ -145,16 +180,74 @@ class ObjectStore(ABC):
         _run_concurrently(put, [f for f in files if f not in last])
         for stale in sorted(existing - old_markers - {join(uri, f) for f in files}):
             self.delete(stale)
+        before_markers()
         for rel in last:
             put(rel)
 
+    def claim(self, uri: str, owner: str = "") -> str:
+        """Claim ``uri`` for one publisher, atomically: its version token, or :class:`AlreadyPublishedError`.
+
+        The claim is ``<parent>/.claims/<name>`` (:func:`claim_uri`), written only if absent
+        (``If-None-Match: *`` on S3), so of publishers racing for ``uri`` exactly one gets it.
+        Its name is not an integer: TF Serving's version scan and ``published_versions``
+        skip it. A claim whose owner is ``owner`` (non-empty) is taken over with a
+        compare-and-swap on its token, so a killed publish's retry goes on and two
+        retries of it cannot both take it. The claim is deleted once ``uri`` is published
+        (its markers keep others out from then on); a killed publish's claim stays, and
+        keeps other owners off that name (``export`` picks another version).
+        """
+        target = claim_uri(uri)
+        body = (json.dumps({"owner": owner, "uri": redact(uri), "claimed_at": time.time(), "pid": os.getpid(),
+                            "nonce": uuid.uuid4().hex}, sort_keys=True) + "\n").encode()
+        for _ in range(3):  # the claim may be deleted between our failed create and our read
+            try:
+                return self.write_conditional(target, body, if_absent=True)
+            except PreconditionFailedError:
+                pass
+            current = self.read_versioned(target)
+            if current is None:
+                continue
+            held = json.loads(current[0]).get("owner", "")
+            if not owner or held != owner:
+                raise AlreadyPublishedError(uri, f"{uri} is claimed by another publisher (owner {held[:16] or '?'}, "
+                                                 f"in {target}); it was left as it is")
+            try:
+                token = self.write_conditional(target, body, if_match=current[1])
+            except PreconditionFailedError as err:
+                raise ClaimLostError(uri, f"{uri} is being published by another run of the same model (owner "
+                                          f"{owner[:16]}), which took over {target} just now; this run stopped "
+                                          "and left it to that one") from err
+            log.info("Took over the claim %s left by an earlier publish of the same owner", target)
+            return token
+        raise ClaimLostError(uri, f"The claim {target} on {uri} kept changing under this publish; stopped")
+
+    def _release_claim(self, uri: str) -> None:
+        """Once ``uri`` is published (its markers decide from then on), its claim goes; a failure here is harmless."""
+        try:
+            self.delete(claim_uri(uri))
+        except Exception as err:
+            log.warning("%s is published, but its claim %s could not be removed (harmless): %s",
+                        uri, claim_uri(uri), err)
+
+    def _check_claim(self, uri: str, token: str) -> None:
+        current = self.read_versioned(claim_uri(uri))
+        if current is None or current[1] != token:
+            raise ClaimLostError(uri, f"{uri} was taken over by another run of the same model while this one copied "
+                                      f"its files ({claim_uri(uri)} changed); this run stopped before its markers "
+                                      "and left the directory to that run")
+
     @contextlib.contextmanager
     def _removed_on_failure(self, *uris: str) -> Iterator[None]:
-        """Delete ``uris`` if the block fails, and re-raise the block's error (not the cleanup's)."""
+        """Delete ``uris`` if the block fails, and re-raise the block's error (not the cleanup's).
+
+        A lost claim spares the published directory (it belongs to the run that took the claim).
+        """
         try:
             yield
-        except BaseException:
+        except BaseException as err:
             for uri in uris:
+                if isinstance(err, ClaimLostError) and uri == err.uri:
+                    continue
                 try:
                     self.delete(uri)
                 except Exception as cleanup:
@@ -185,9 +278,54 @@ class LocalStore(ObjectStore):
     def write_bytes(self, uri: str, data: bytes) -> None:
         target = self.path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)
+        reclaim_temp_files(target.parent)
+        with owned_temp(target, lambda tmp: tmp.touch(exist_ok=False)) as tmp:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+
+    def read_versioned(self, uri: str) -> tuple[bytes, str] | None:
+        """The file and the SHA-256 of its bytes (its version token)."""
+        try:
+            data = self.path(uri).read_bytes()
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_conditional(self, uri: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Under an exclusive ``flock`` of the file's directory, which every conditional writer there takes.
+
+        (The directory itself is locked, not a lock file beside the object: no extra name
+        appears in listings.)
+
+        ``if_absent`` links a complete temporary file into place (``os.link`` fails if the
+        name exists, whoever wrote it); ``if_match`` compares the SHA-256 of the file's bytes
+        and replaces it (``os.replace``) while still holding the lock.
+        """
+        _check_condition(uri, if_absent, if_match)
+        target = self.path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        reclaim_temp_files(target.parent)
+        lock_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            if if_match is not None:
+                current = self.read_versioned(uri)
+                if current is None or current[1] != if_match:
+                    raise PreconditionFailedError(uri, "is absent" if current is None else "was changed")
+            with owned_temp(target, lambda tmp: tmp.touch(exist_ok=False)) as tmp:
+                tmp.write_bytes(data)
+                if if_absent:
+                    try:
+                        os.link(tmp, target)
+                    except FileExistsError:
+                        raise PreconditionFailedError(uri, "exists") from None
+                    finally:
+                        tmp.unlink()
+                else:
+                    os.replace(tmp, target)
+        finally:
+            os.close(lock_fd)
+        return hashlib.sha256(data).hexdigest()
 
     def list(self, prefix: str) -> list[str]:
         root = self.path(prefix)
@@ -209,12 +347,19 @@ class LocalStore(ObjectStore):
         if Path(local_path).resolve() == target.resolve():
             return
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            os.link(local_path, tmp)  # same filesystem: no copy (a staged file is not written again)
-        except OSError:
-            shutil.copyfile(local_path, tmp)
-        os.replace(tmp, target)
+        reclaim_temp_files(target.parent)
+
+        def create(tmp: Path) -> None:
+            try:
+                os.link(local_path, tmp)  # same filesystem: no copy (a staged file is not written again)
+            except FileExistsError:
+                raise
+            except OSError:
+                with open(tmp, "xb") as out, open(local_path, "rb") as src:
+                    shutil.copyfileobj(src, out, _CHUNK)
+
+        with owned_temp(target, create) as tmp:
+            os.replace(tmp, target)
 
     def download(self, uri: str, local_path: str | Path) -> None:
         shutil.copyfile(self.path(uri), local_path)
@@ -223,36 +368,131 @@ class LocalStore(ObjectStore):
         self.upload(self.path(src_uri), dst_uri)
 
     def publish_dir(self, local_dir: str | Path, uri: str, last: Sequence[str] = (), *, staged: bool = True,
-                    exclusive: bool = False) -> None:
+                    exclusive: bool = False, owner: str = "") -> None:
         """Copy into a hidden sibling, then rename into place: all or nothing, staged or not.
 
         TF Serving ignores directory names that are not integers, so a version being
         written under ``.<name>.<uuid>.tmp`` is never loaded half-way. ``exclusive``: the
         rename fails if another publisher's directory got there first (a directory cannot
-        be renamed onto one that holds files), and that one is left as it is.
+        be renamed onto one that holds files), and that one is left as it is. No claim is
+        needed (``owner`` is not used): a killed publish leaves only its hidden sibling,
+        which the next write in the directory reclaims.
         """
         _files_with_markers(local_dir, last)
         target = self.path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copytree(local_dir, staging)
-        if not exclusive and target.exists():
-            shutil.rmtree(target)
-        try:
-            os.rename(staging, target)
-        except OSError as err:
-            shutil.rmtree(staging, ignore_errors=True)
-            if exclusive and target.exists():
-                raise AlreadyPublishedError(uri) from err
-            raise
+        reclaim_temp_files(target.parent)
+        with owned_temp(target, lambda tmp: tmp.mkdir()) as staging:
+            shutil.copytree(local_dir, staging, dirs_exist_ok=True)
+            if not exclusive and target.exists():
+                shutil.rmtree(target)
+            try:
+                os.rename(staging, target)
+            except OSError as err:
+                shutil.rmtree(staging, ignore_errors=True)
+                if exclusive and target.exists():
+                    raise AlreadyPublishedError(uri) from err
+                raise
 
 
 class AlreadyPublishedError(FileExistsError):
     """An exclusive publish found its target taken (by another run, publishing at the same time)."""
 
-    def __init__(self, uri: str) -> None:
-        super().__init__(f"{uri} was published by another run meanwhile; it was left as it is")
+    def __init__(self, uri: str, message: str = "") -> None:
+        super().__init__(message or f"{uri} was published by another run meanwhile; it was left as it is")
         self.uri = uri
+
+
+class ClaimLostError(AlreadyPublishedError):
+    """Another run of the same owner took over an exclusive publish's claim: this one stopped, the other goes on."""
+
+
+class PreconditionFailedError(RuntimeError):
+    """A conditional write lost: the object was created or changed by another writer meanwhile; nothing was written."""
+
+    def __init__(self, uri: str, condition: str) -> None:
+        super().__init__(f"{uri} {condition} (another writer got there first); this write was not made")
+        self.uri = uri
+        self.condition = condition
+
+
+def _check_condition(uri: str, if_absent: bool, if_match: str | None) -> None:
+    if if_absent == (if_match is not None):
+        raise ValueError(f"A conditional write of {uri} needs exactly one of if_absent=True or if_match=<token>")
+
+
+def claim_uri(uri: str) -> str:
+    """Where the claim on ``uri`` lives: ``<parent>/.claims/<name>`` (not an integer, so no TF Serving version)."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return f"{parent}/{CLAIMS_DIR}/{name}"
+
+
+@contextlib.contextmanager
+def owned_temp(target: Path, create: Callable[[Path], None]) -> Iterator[Path]:
+    """A fresh ``.<name>.<uuid>.tmp`` beside ``target``, made by ``create``, that this process owns for the block.
+
+    The owner holds an exclusive ``flock`` on the temporary file (or directory) itself
+    until the block ends, after its rename into place; the kernel drops the lock when the
+    owner dies, however it dies (SIGKILL included), and pid reuse cannot fake it. So
+    :func:`reclaim_temp_files` deletes exactly the temporaries whose lock nobody holds:
+    those of killed writers, never a live one's. A reclaimer may take the lock in the
+    instant between ``create`` and our ``flock`` and delete the name; we then see that it
+    no longer names our file and start again under a new name. A temporary still there
+    when the block ends (it failed before its rename) is removed.
+    """
+    while True:
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        create(tmp)
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:  # reclaimed already
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if _still_linked(fd, tmp):
+            break
+        os.close(fd)
+    try:
+        yield tmp
+    finally:
+        try:
+            if _still_linked(fd, tmp):  # the block failed before its rename: nothing to keep
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def reclaim_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the ``.<name>.<uuid>.tmp`` files and directories in ``directory`` left by killed writers.
+
+    A temporary counts as left behind when no process holds its ``flock``
+    (:func:`owned_temp`); a live writer's is kept. Every local write runs this on its
+    target's directory first, so leftovers go at the next write there. Returns what was deleted.
+    """
+    removed = []
+    try:
+        entries = [e for e in os.scandir(directory) if _TEMP_NAME.match(e.name)]
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # gone meanwhile, a link, or another user's
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not _still_linked(fd, entry.path):  # renamed into place, or another reclaimer was first
+                continue
+            if os.path.isdir(entry.path):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+            log.info("Removed %s: the write that made it was killed", entry.path)
+        except BlockingIOError:  # held: its writer is alive
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 class StagingCleanupError(RuntimeError):
