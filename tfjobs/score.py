@@ -16,7 +16,8 @@ as TF Serving would. Writes ``predictions/<dataset>/<partition>/``:
   the SHA-256 of the input and of the predictions.
 
 Memory is bounded by the batch, whatever the delivery's size: Parquet is read a batch
-at a time and written a batch at a time (the same code on a local store and on S3,
+at a time and written a batch at a time, the next batch read and the last one written in
+threads while the model scores this one (the same code on a local store and on S3,
 where the input is downloaded and the output uploaded whole). Re-scoring the same
 input with the same model version rewrites nothing.
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,11 +144,16 @@ def _score_file(spec: PipelineSpec, data_path, model_dir, out_path, key: list[st
     fields.append(pa.field(VERSION_COLUMN, pa.int64()))
     schema = pa.schema(fields)
     rows = 0
-    with pq.ParquetWriter(out_path, schema) as writer:
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys([*key, *inputs]))):
-            features = {name: tf.constant(batch.column(name).to_numpy(zero_copy_only=False), spec_.dtype)
-                        for name, spec_ in inputs.items()}
-            outputs = serve(**features)
+
+    def features(batch):
+        return batch, {name: tf.constant(batch.column(name).to_numpy(zero_copy_only=False), spec_.dtype)
+                       for name, spec_ in inputs.items()}
+
+    batches = parquet.iter_batches(batch_size=batch_rows, columns=list(dict.fromkeys([*key, *inputs])))
+    with pq.ParquetWriter(out_path, schema) as writer, ThreadPoolExecutor(1, thread_name_prefix="score-write") as out:
+        written = None
+        for batch, inputs_ in _read_ahead(map(features, batches)):
+            outputs = serve(**inputs_)
             columns = [batch.column(name) for name in key]
             if classification:
                 columns.append(pa.array(outputs["classes"].numpy().astype(str), pa.string()))
@@ -154,9 +162,28 @@ def _score_file(spec: PipelineSpec, data_path, model_dir, out_path, key: list[st
             else:
                 columns.append(pa.array(outputs["predictions"].numpy().astype(np.float32)))
             columns.append(pa.array(np.full(batch.num_rows, version, np.int64)))
-            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+            if written is not None:
+                written.result()  # one batch waits to be written at most: memory stays bounded by the batch
+            written = out.submit(writer.write_table, pa.Table.from_arrays(columns, schema=schema))
             rows += batch.num_rows
+        if written is not None:
+            written.result()
     return rows
+
+
+def _read_ahead(items: Iterator) -> Iterator:
+    """``items``, the next one made in a thread while the caller works on this one.
+
+    The SavedModel's call releases the GIL: reading and converting the next batch meanwhile took
+    the score step from 0.54x-0.65x to 0.75x-0.76x of the model alone on in-memory
+    batches, in alternating runs of bench_score on the 2-core dev VM.
+    """
+    done = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="score-read") as pool:
+        ahead = pool.submit(next, items, done)
+        while (item := ahead.result()) is not done:
+            ahead = pool.submit(next, items, done)
+            yield item
 
 
 def _result(output_uri: str, manifest: dict, rewritten: bool) -> ScoreResult:
