@@ -48,18 +48,23 @@ def run_step(step: str, *args: str, temp: Path, log_level: str = "WARNING") -> s
     return done.stderr
 
 
-def run_killed(step: str, *args: str, temp: Path, kill_when, reader, whole_group: bool = True) -> int:
+def run_killed(step: str, *args: str, temp: Path, kill_when, reader, whole_group: bool = True,
+               log: Path | None = None) -> int:
     """Start the step, call ``reader()`` all along, and SIGKILL its process group once ``kill_when()`` is true
-    (with ``whole_group=False``, only the step's own process, as the OOM killer picks one). Returns its pid."""
-    process = subprocess.Popen([sys.executable, "-m", f"tfjobs.{step}", *args, "--log-level", "WARNING"],
+    (with ``whole_group=False``, only the step's own process, as the OOM killer picks one). Returns its pid.
+    With ``log``, the step logs at INFO into that file (for a ``kill_when`` that waits for a line)."""
+    stderr = log.open("w") if log else subprocess.PIPE
+    process = subprocess.Popen([sys.executable, "-m", f"tfjobs.{step}", *args, "--log-level",
+                                "INFO" if log else "WARNING"],
                                env=_env(temp), cwd=ROOT, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         while not kill_when():
             reader()
             if process.poll() is not None:
+                output = log.read_text() if log else process.stderr.read()
                 pytest.fail(f"tfjobs.{step} ended (exit code {process.returncode}) before the kill point: "
-                            f"{process.stderr.read()[-2000:]}")
+                            f"{output[-2000:]}")
             time.sleep(0.002)
         os.kill(process.pid, signal.SIGKILL) if not whole_group else os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -67,7 +72,7 @@ def run_killed(step: str, *args: str, temp: Path, kill_when, reader, whole_group
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        process.stderr.close()
+        (stderr if log else process.stderr).close()
     reader()
     return process.pid
 
@@ -248,6 +253,41 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(housing, tmp_pa
     assert list(temp.glob("shardline-*")) == [], "the backup and staging directories are removed on success"
     print(f"train: killed at {killed_after:.1f}s after epoch {resumed_from}'s backup; "
           f"the retry ran epochs {epochs[0]}-6 in {retry_s:.1f}s")
+
+
+@pytest.fixture(scope="module")
+def housing_model(housing):
+    """A model trained for two epochs on the housing shards, and its evaluation (the reference)."""
+    ref = housing.reference
+    run_step("train", "--spec", housing.spec, "--shards", f"{ref}/shards/manifest.json",
+             "--state", f"{ref}/preprocessing/state.json", "--output", f"{ref}/train",
+             "--set", "epochs=2", "--set", "batch_size=2048", temp=ref.parent / "temp")
+    args = lambda output: ["--spec", housing.spec, "--model", f"{ref}/train/training_model.keras",  # noqa: E731
+                           "--state", f"{ref}/train/state.json", "--shards", f"{ref}/shards/manifest.json",
+                           "--output", str(output)]
+    start = time.monotonic()
+    run_step("evaluate", *args(ref / "evaluate"), temp=ref.parent / "temp")
+    return SimpleNamespace(args=args, reference=files(ref / "evaluate"), seconds=time.monotonic() - start)
+
+
+def test_a_killed_evaluation_reruns_to_the_same_metrics(housing_model, tmp_path):
+    """Killed while it scores the test split (50,000 rows): no metrics.json (the blessing) until the whole
+    report is there, and the retry writes the reference's, byte for byte (the evaluation is deterministic)."""
+    store, temp, log = tmp_path / "store", tmp_path / "temp", tmp_path / "evaluate.log"
+    args = housing_model.args(store / "evaluate")
+    assert set(housing_model.reference) == {"metrics.json"}
+    reader = complete_or_absent(store / "evaluate", "metrics.json", housing_model.reference)
+
+    started = time.monotonic()
+    run_killed("evaluate", *args, temp=temp, log=log, reader=reader,
+               kill_when=lambda: "Scoring candidate on the test split" in log.read_text())
+    killed_after = time.monotonic() - started
+    assert not (store / "evaluate" / "metrics.json").exists(), "the kill landed after the evaluation was written"
+    run_step("evaluate", *args, temp=temp)
+    assert files(store / "evaluate") == housing_model.reference
+    assert list(temp.glob("shardline-*")) == []
+    print(f"evaluate: killed {killed_after:.1f}s in (while scoring; a whole run takes {housing_model.seconds:.1f}s); "
+          "the retry wrote the reference's metrics.json")
 
 
 def test_a_shard_run_killed_mid_upload_to_s3_reruns_to_the_same_objects(housing, tmp_path, monkeypatch):
