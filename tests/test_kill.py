@@ -26,6 +26,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -322,3 +323,108 @@ def test_a_shard_run_killed_mid_upload_to_s3_reruns_to_the_same_objects(housing,
         run_step("shard", *args, temp=temp)
         assert objects() == reference
     assert list(temp.glob("shardline-*")) == []
+
+
+class Freeze:
+    """An ``on_request`` for :class:`s3_server.FaultyProxy`: forwards requests until ``after`` PUTs that
+    ``match(path, headers)`` have gone through, then holds every request (the client frozen mid-publish,
+    as a pre-empted pod's) until ``drop()``, which drops the held connections unanswered."""
+
+    def __init__(self, match, after: int):
+        self.match, self.after, self.seen = match, after, 0
+        self.lock, self.frozen, self.dropped = threading.Lock(), threading.Event(), threading.Event()
+
+    def __call__(self, method, path, headers):
+        with self.lock:
+            if not self.frozen.is_set():
+                if method != "PUT" or not self.match(path, headers):
+                    return None
+                self.seen += 1
+                if self.seen <= self.after:
+                    return None
+                self.frozen.set()
+        self.dropped.wait(120)
+        return "drop"
+
+    def drop(self):
+        self.dropped.set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["upload", "copy"])
+def test_an_export_killed_mid_publish_to_s3_shows_no_partial_version_and_reruns(
+        penguins_pipeline, tmp_path, monkeypatch, phase):
+    """On the moto S3 endpoint, the export is killed between two of the SavedModel's objects: while it
+    uploads them (to its hidden staging prefix), or while it copies them into ``<version>/`` on the server.
+    A TF Serving-like version scan (integer directories holding ``saved_model.pb``) must never see a
+    version without all its files; the retry publishes the same weights; it leaves no staging of its own."""
+    from s3_server import REGION, FaultyProxy, moto_s3
+
+    run, temp = penguins_pipeline, tmp_path / "temp"
+    version = "1764028800"
+    published = Path(run.export.version_uri)  # the same model, exported to a local store by the fixture
+    reference_files = set(files(published))
+    weights = json.loads((published / "shardline.json").read_text())["weights_sha256"]
+    copied_into_a_version = re.compile(r"/serving/penguins/\d+/")
+    match = {
+        "upload": lambda path, headers: "/.staging-" in path and "x-amz-copy-source" not in headers,
+        "copy": lambda path, headers: bool(copied_into_a_version.search(path)) and "x-amz-copy-source" in headers,
+    }[phase]
+    with moto_s3() as endpoint:
+        client = endpoint.client()
+        serving = f"s3://{endpoint.bucket}/serving/penguins"
+        for name, value in {"AWS_ACCESS_KEY_ID": endpoint.access_key, "AWS_SECRET_ACCESS_KEY": endpoint.secret_key,
+                            "AWS_DEFAULT_REGION": REGION}.items():
+            monkeypatch.setenv(name, value)  # for the step's processes
+
+        def listing() -> dict[str, list[str]]:
+            """Each child of the serving prefix: the keys under it."""
+            children: dict[str, list[str]] = {}
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=endpoint.bucket,
+                                                                         Prefix="serving/penguins/"):
+                for item in page.get("Contents", []):
+                    child, _, rest = item["Key"][len("serving/penguins/"):].partition("/")
+                    children.setdefault(child, []).append(rest)
+            return children
+
+        partial_dirs_seen = set()
+
+        def version_scan():  # TF Serving's view: integer children; a version is one with saved_model.pb
+            for child, keys in listing().items():
+                if child.isdigit() and "saved_model.pb" in keys:
+                    assert set(keys) == reference_files, f"version {child} was loadable while incomplete: {keys}"
+                elif child.isdigit():
+                    partial_dirs_seen.add(child)
+
+        args = lambda url: ["--spec", str(ROOT / "include" / "penguins.yaml"),  # noqa: E731
+                            "--model", run.train.model_uri, "--state", run.train.state_uri,
+                            "--shards", run.shard.manifest_uri, "--metrics", run.evaluate.metrics_uri,
+                            "--serving", serving, "--version", version, "--s3-endpoint-url", url]
+        freeze = Freeze(match, after=2)
+        with FaultyProxy(endpoint.url, share=0, on_request=freeze) as proxy:
+            try:
+                run_killed("export", *args(proxy.url), temp=temp, kill_when=freeze.frozen.is_set,
+                           reader=version_scan)
+            finally:
+                freeze.drop()
+        after_kill = listing()
+        assert not any(child.isdigit() and "saved_model.pb" in keys for child, keys in after_kill.items())
+        staged_after_kill = {child for child in after_kill if child.startswith(".staging-")}
+        if phase == "upload":
+            assert staged_after_kill and not any(child.isdigit() for child in after_kill), after_kill
+
+        run_step("export", *args(endpoint.url), temp=temp)
+        version_scan()
+        after_retry = listing()
+        versions = {child for child in after_retry if child.isdigit()}
+        assert versions == {version}, after_retry
+        metadata = json.loads(client.get_object(Bucket=endpoint.bucket,
+                                                Key=f"serving/penguins/{version}/shardline.json")["Body"].read())
+        assert metadata["weights_sha256"] == weights
+        left = {child for child in after_retry if not child.isdigit()}
+        # The retry removes its own staging prefix; a killed upload's stays (TF Serving skips it: its name is
+        # not an integer) until the bucket's lifecycle rule on serving/<model>/.staging- expires it.
+        assert left == staged_after_kill, f"the retry left its staging behind: {left - staged_after_kill}"
+    assert list(temp.glob("shardline-*")) == []
+    print(f"export on S3, killed mid-{phase}: integer directories without saved_model.pb seen: "
+          f"{sorted(partial_dirs_seen) or 'none'}; staging prefixes left after the retry: {sorted(left) or 'none'}")
