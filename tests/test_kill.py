@@ -223,6 +223,15 @@ def test_a_killed_export_publishes_no_partial_version_and_reruns(penguins_pipeli
     assert list(temp.glob("shardline-*")) == []
 
 
+def backed_up_epochs(temp: Path) -> int:
+    """How many epochs the training's backup (in the temp folder ``temp``) holds."""
+    done = next(temp.glob("shardline-train-backup-*/training_metadata.json"), None)
+    try:
+        return json.loads(done.read_text())["epoch"] if done else 0
+    except ValueError:  # being written
+        return 0
+
+
 def test_a_killed_training_resumes_after_its_last_finished_epoch(housing, tmp_path):
     """Killed once epoch 3's backup is written, the retry starts at the epoch after the last backed-up one."""
     store, temp = tmp_path / "store", tmp_path / "temp"
@@ -230,18 +239,11 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(housing, tmp_pa
             "--state", f"{housing.reference}/preprocessing/state.json", "--output", str(store / "train"),
             "--set", "epochs=6", "--set", "batch_size=2048", "--set", "early_stopping_patience=6"]
 
-    def backed_up_epochs() -> int:
-        done = next(temp.glob("shardline-train-backup-*/training_metadata.json"), None)
-        try:
-            return json.loads(done.read_text())["epoch"] if done else 0
-        except ValueError:  # being written
-            return 0
-
     started = time.monotonic()
-    run_killed("train", *args, temp=temp, kill_when=lambda: backed_up_epochs() >= 3,
+    run_killed("train", *args, temp=temp, kill_when=lambda: backed_up_epochs(temp) >= 3,
                reader=complete_or_absent(store / "train", "training.json", {}))
     killed_after = time.monotonic() - started
-    resumed_from = backed_up_epochs()
+    resumed_from = backed_up_epochs(temp)
     started = time.monotonic()
     log = run_step("train", *args, temp=temp, log_level="INFO")
     retry_s = time.monotonic() - started
@@ -254,6 +256,60 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(housing, tmp_pa
     assert list(temp.glob("shardline-*")) == [], "the backup and staging directories are removed on success"
     print(f"train: killed at {killed_after:.1f}s after epoch {resumed_from}'s backup; "
           f"the retry ran epochs {epochs[0]}-6 in {retry_s:.1f}s")
+
+
+@pytest.fixture(scope="module")
+def early_stopped(housing):
+    """Training that EarlyStopping stops at a known epoch, uninterrupted (the reference).
+
+    No shuffling and deterministic kernels: every epoch sees the rows in the same order, so a resumed
+    run trains the uninterrupted run's epochs again exactly. Adam at 0.05 overfits the housing rows
+    from epoch 5 on: the best val_loss is epoch 5's and, with patience 3, training stops after epoch 8.
+    """
+    ref = housing.reference
+    args = lambda output: [  # noqa: E731
+        "--spec", housing.spec, "--shards", f"{ref}/shards/manifest.json",
+        "--state", f"{ref}/preprocessing/state.json", "--output", str(output), "--set", "epochs=20",
+        "--set", "batch_size=2048", "--set", "learning_rate=0.05", "--set", "early_stopping_patience=3",
+        "--set", "shuffle_buffer=0", "--set", "deterministic=true"]
+    output = ref.parent / "early_stopped"
+    log = run_step("train", *args(output), temp=ref.parent / "temp", log_level="INFO")
+    summary = json.loads((output / "training.json").read_text())
+    assert (summary["best_epoch"], summary["epochs_run"]) == (5, 8), log[-3000:]
+    return SimpleNamespace(args=args, output=output, summary=summary,
+                           history=json.loads((output / "history.json").read_text()))
+
+
+@pytest.mark.parametrize("killed", ["past the best epoch", "after the stop"])
+def test_early_stopping_counts_on_after_a_resume(early_stopped, tmp_path, killed):
+    """Killed once an epoch past the best is backed up (its wait count at 1 of 3), or once EarlyStopping has
+    stopped (while the model is saved and published), the retry stops where the uninterrupted run stopped,
+    after epoch 8, and keeps epoch 5's weights. Were its patience to count again from the resume, it would
+    train on to epoch 10 or later, and restore the best of the resumed epochs."""
+    import keras
+    import numpy as np
+
+    import tfjobs.modeling.layers  # noqa: F401 (registers the model's layers for loading)
+
+    store, temp = tmp_path / "store", tmp_path / "temp"
+    args = early_stopped.args(store / "train")
+    kill_at = 6 if killed == "past the best epoch" else 8
+    run_killed("train", *args, temp=temp, kill_when=lambda: backed_up_epochs(temp) >= kill_at,
+               reader=complete_or_absent(store / "train", "training.json", {}))
+    assert not (store / "train" / "training.json").exists(), "the kill landed after the training was published"
+    resumed_from = backed_up_epochs(temp)
+    log = run_step("train", *args, temp=temp, log_level="INFO")
+
+    assert re.findall(r"epoch (\d+)/20", log) == [str(n) for n in range(resumed_from + 1, 9)], log[-3000:]
+    summary = json.loads((store / "train" / "training.json").read_text())
+    assert (summary["best_epoch"], summary["epochs_run"]) == (5, 8)
+    assert summary["metrics"] == early_stopped.summary["metrics"]
+    assert json.loads((store / "train" / "history.json").read_text()) == early_stopped.history
+    trained = [keras.saving.load_model(path / "training_model.keras", compile=False).get_weights()
+               for path in (early_stopped.output, store / "train")]
+    assert all(np.array_equal(a, b) for a, b in zip(*trained, strict=True)), "the retry kept other weights"
+    print(f"train: killed {killed} (epoch {resumed_from} backed up); the retry ran epochs "
+          f"{resumed_from + 1}-8 and stopped after epoch 8 with epoch 5's weights, as uninterrupted")
 
 
 @pytest.fixture(scope="module")
