@@ -6,7 +6,7 @@ hyperparameter overrides, e.g. from Airflow Params). Outputs, under the run's
 
     training_model.keras     the trained model on encoded features
     state.json               a copy of the preprocessing state it was trained with (evaluate and export use it)
-    checkpoints/             best weights so far (ModelCheckpoint)
+    checkpoints/             the best epoch's weights (best.weights.h5; the model holds them too)
     tensorboard/             TensorBoard logs
     history.json             per-epoch metrics
     training_curve.png       loss and metric curves
@@ -519,12 +519,6 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             model(features)
         callbacks = [
             early_stopping(settings.early_stopping_patience, backup),
-            keras.callbacks.ModelCheckpoint(
-                str(out_dir / "checkpoints" / "best.weights.h5"),
-                monitor="val_loss",
-                save_best_only=True,
-                save_weights_only=True,
-            ),
             keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard")),
             epoch_progress(settings.epochs),
             *args.callbacks,
@@ -552,6 +546,9 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
                 verbose=0,
             )
     model.save(out_dir / MODEL_FILE)
+    # The best epoch's weights, which EarlyStopping has restored: what a ModelCheckpoint(save_best_only) would
+    # have left, but also after a resume (a ModelCheckpoint's best would be the resumed epochs' alone).
+    model.save_weights(out_dir / "checkpoints" / "best.weights.h5")
     epochs = resume[0].epochs if resume else history.history  # every epoch, those before a resume included
     (out_dir / "history.json").write_text(json.dumps(epochs, indent=2) + "\n")
     plot_training_curves(epochs, out_dir / "training_curve.png", title=f"{spec.name}: {kind}")
