@@ -484,3 +484,22 @@ def test_an_export_killed_mid_publish_to_s3_shows_no_partial_version_and_reruns(
     assert list(temp.glob("shardline-*")) == []
     print(f"export on S3, killed mid-{phase}: integer directories without saved_model.pb seen: "
           f"{sorted(partial_dirs_seen) or 'none'}; staging prefixes left after the retry: {sorted(left) or 'none'}")
+
+
+def test_two_trainings_of_one_run_at_once_train_it_once(housing, tmp_path):
+    """The same date's scheduled run and a manual trigger train the same model into the same output at once:
+    they must not share the epoch backup (each would resume from the other's half-written weights). The
+    second waits for the first, then finds the training up to date."""
+    store, temp = tmp_path / "store", tmp_path / "temp"
+    args = ["--spec", housing.spec, "--shards", f"{housing.reference}/shards/manifest.json",
+            "--state", f"{housing.reference}/preprocessing/state.json", "--output", str(store / "train"),
+            "--set", "epochs=3", "--set", "batch_size=2048", "--log-level", "INFO"]
+    processes = [subprocess.Popen([sys.executable, "-m", "tfjobs.train", *args], env=_env(temp), cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [process.communicate(timeout=300)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    trained = [log for log in logs if "epoch 1/3" in log]
+    waited = [log for log in logs if "training the same model into the same output; waiting" in log]
+    assert len(trained) == 1 and len(waited) == 1 and "not retraining" in waited[0], "\n".join(logs)
+    assert json.loads((store / "train" / "training.json").read_text())["epochs_run"] == 3
+    assert list(temp.glob("shardline-*")) == [] and list(temp.glob(".shardline-*")) == []

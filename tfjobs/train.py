@@ -45,6 +45,8 @@ directory::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -52,6 +54,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +152,13 @@ def train_model(args: TrainArgs) -> TrainResult:
         if not store_for(uri).exists(uri):
             raise FileNotFoundError(f"{uri} does not exist: run the {step} step first")
     fingerprint = _fingerprint(args, spec, settings, kind)
+    if cluster_task() is not None:  # the cluster's workers train together
+        return _train(args, spec, settings, kind, fingerprint)
+    with one_training_at_a_time(backup_dir(args.output_uri, fingerprint)):
+        return _train(args, spec, settings, kind, fingerprint)
+
+
+def _train(args: TrainArgs, spec: PipelineSpec, settings: TrainingSpec, kind: str, fingerprint: str) -> TrainResult:
     summary_uri = join(args.output_uri, SUMMARY_FILE)
     previous = read_json_if_exists(summary_uri)
     if previous and previous["fingerprint"] == fingerprint and not args.force:
@@ -207,6 +217,40 @@ def backup_dir(output_uri: str, fingerprint: str) -> Path:
     """Where a training run backs up its last finished epoch: the same path for a retry of the same run."""
     key = hashlib.sha256(f"{output_uri}\n{fingerprint}".encode()).hexdigest()[:24]
     return Path(tempfile.gettempdir()) / f"shardline-train-backup-{key}"
+
+
+@contextlib.contextmanager
+def one_training_at_a_time(backup: Path) -> Iterator[None]:
+    """Hold an exclusive lock for ``backup`` (a training of one output with one fingerprint) on this machine.
+
+    Two runs of the same date (the scheduled run and a manual trigger) train the same model into the
+    same output, and would share the backup: each would write its epochs over the other's and resume
+    from the other's half-written weights. The second waits for the first, then finds its
+    ``training.json`` up to date and trains nothing. The lock file (``.<backup name>.lock``, not matched
+    by the staging directories' reclaimer) is removed by its holder; a waiter that then holds the lock of
+    a removed file takes the new one.
+    """
+    lock_path = backup.with_name(f".{backup.name}.lock")
+    while True:
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Another process on this machine is training the same model into the same output; waiting for "
+                     "it (%s)", lock_path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)
 
 
 def resumable(backup: Path) -> list:
