@@ -54,15 +54,16 @@ def tiny_spec(**overrides):
     return parse_spec(raw)
 
 
-def airflow_dags_test(home: Path, dag_id: str, dags_folder: Path = ROOT / "dags"):
+def airflow_dags_test(home: Path, dag_id: str, dags_folder: Path = ROOT / "dags", store: Path | None = None):
     """``dags_test(date, conf=None)``: ``airflow dags test <dag_id>`` in a subprocess on a fresh SQLite home.
 
-    Returns the runner and the object store's root (``<home>/store``).
+    Returns the runner and the object store's root (``store``, by default ``<home>/store``; several homes
+    may share one, as the workers of several Airflow deployments would).
     """
     import json
     import subprocess
 
-    store = home / "store"
+    store = store or home / "store"
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),

@@ -126,8 +126,11 @@ class FaultyProxy:
 
     FAULTS = ("slow_down", "internal_error", "drop_before", "drop_after")
 
-    def __init__(self, target: str, share: float = 0.2, seed: int = 1):
+    def __init__(self, target: str, share: float = 0.2, seed: int = 1, on_request=None):
         self.target = http.client.urlsplit(target)
+        # on_request(method, path, headers), called before each request is forwarded, may block (to hold a
+        # client); when it returns "drop", the connection is dropped instead.
+        self.on_request = on_request
         self.share = share
         self.random = random.Random(seed)
         self.lock = threading.Lock()
@@ -156,6 +159,11 @@ class FaultyProxy:
                 if fault == "drop_before":
                     self.close_connection = True
                     self.connection.shutdown(2)
+                    return
+                if proxy.on_request is not None and proxy.on_request(self.command, self.path, self.headers) == "drop":
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(2)
                     return
                 upstream = http.client.HTTPConnection(proxy.target.hostname, proxy.target.port, timeout=60)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}

@@ -26,6 +26,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -48,18 +49,23 @@ def run_step(step: str, *args: str, temp: Path, log_level: str = "WARNING") -> s
     return done.stderr
 
 
-def run_killed(step: str, *args: str, temp: Path, kill_when, reader, whole_group: bool = True) -> int:
+def run_killed(step: str, *args: str, temp: Path, kill_when, reader, whole_group: bool = True,
+               log: Path | None = None) -> int:
     """Start the step, call ``reader()`` all along, and SIGKILL its process group once ``kill_when()`` is true
-    (with ``whole_group=False``, only the step's own process, as the OOM killer picks one). Returns its pid."""
-    process = subprocess.Popen([sys.executable, "-m", f"tfjobs.{step}", *args, "--log-level", "WARNING"],
+    (with ``whole_group=False``, only the step's own process, as the OOM killer picks one). Returns its pid.
+    With ``log``, the step logs at INFO into that file (for a ``kill_when`` that waits for a line)."""
+    stderr = log.open("w") if log else subprocess.PIPE
+    process = subprocess.Popen([sys.executable, "-m", f"tfjobs.{step}", *args, "--log-level",
+                                "INFO" if log else "WARNING"],
                                env=_env(temp), cwd=ROOT, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         while not kill_when():
             reader()
             if process.poll() is not None:
+                output = log.read_text() if log else process.stderr.read()
                 pytest.fail(f"tfjobs.{step} ended (exit code {process.returncode}) before the kill point: "
-                            f"{process.stderr.read()[-2000:]}")
+                            f"{output[-2000:]}")
             time.sleep(0.002)
         os.kill(process.pid, signal.SIGKILL) if not whole_group else os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -67,7 +73,7 @@ def run_killed(step: str, *args: str, temp: Path, kill_when, reader, whole_group
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        process.stderr.close()
+        (stderr if log else process.stderr).close()
     reader()
     return process.pid
 
@@ -217,6 +223,15 @@ def test_a_killed_export_publishes_no_partial_version_and_reruns(penguins_pipeli
     assert list(temp.glob("shardline-*")) == []
 
 
+def backed_up_epochs(temp: Path) -> int:
+    """How many epochs the training's backup (in the temp folder ``temp``) holds."""
+    done = next(temp.glob("shardline-train-backup-*/training_metadata.json"), None)
+    try:
+        return json.loads(done.read_text())["epoch"] if done else 0
+    except ValueError:  # being written
+        return 0
+
+
 def test_a_killed_training_resumes_after_its_last_finished_epoch(housing, tmp_path):
     """Killed once epoch 3's backup is written, the retry starts at the epoch after the last backed-up one."""
     store, temp = tmp_path / "store", tmp_path / "temp"
@@ -224,18 +239,11 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(housing, tmp_pa
             "--state", f"{housing.reference}/preprocessing/state.json", "--output", str(store / "train"),
             "--set", "epochs=6", "--set", "batch_size=2048", "--set", "early_stopping_patience=6"]
 
-    def backed_up_epochs() -> int:
-        done = next(temp.glob("shardline-train-backup-*/training_metadata.json"), None)
-        try:
-            return json.loads(done.read_text())["epoch"] if done else 0
-        except ValueError:  # being written
-            return 0
-
     started = time.monotonic()
-    run_killed("train", *args, temp=temp, kill_when=lambda: backed_up_epochs() >= 3,
+    run_killed("train", *args, temp=temp, kill_when=lambda: backed_up_epochs(temp) >= 3,
                reader=complete_or_absent(store / "train", "training.json", {}))
     killed_after = time.monotonic() - started
-    resumed_from = backed_up_epochs()
+    resumed_from = backed_up_epochs(temp)
     started = time.monotonic()
     log = run_step("train", *args, temp=temp, log_level="INFO")
     retry_s = time.monotonic() - started
@@ -248,6 +256,100 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(housing, tmp_pa
     assert list(temp.glob("shardline-*")) == [], "the backup and staging directories are removed on success"
     print(f"train: killed at {killed_after:.1f}s after epoch {resumed_from}'s backup; "
           f"the retry ran epochs {epochs[0]}-6 in {retry_s:.1f}s")
+
+
+@pytest.fixture(scope="module")
+def early_stopped(housing):
+    """Training that EarlyStopping stops at a known epoch, uninterrupted (the reference).
+
+    No shuffling and deterministic kernels: every epoch sees the rows in the same order, so a resumed
+    run trains the uninterrupted run's epochs again exactly. Adam at 0.05 overfits the housing rows
+    early (on the development VM: the best val_loss is epoch 5's and, with patience 3, training stops
+    after epoch 8); the test takes the epochs from this run.
+    """
+    ref = housing.reference
+    args = lambda output: [  # noqa: E731
+        "--spec", housing.spec, "--shards", f"{ref}/shards/manifest.json",
+        "--state", f"{ref}/preprocessing/state.json", "--output", str(output), "--set", "epochs=20",
+        "--set", "batch_size=2048", "--set", "learning_rate=0.05", "--set", "early_stopping_patience=3",
+        "--set", "shuffle_buffer=0", "--set", "deterministic=true"]
+    output = ref.parent / "early_stopped"
+    log = run_step("train", *args(output), temp=ref.parent / "temp", log_level="INFO")
+    summary = json.loads((output / "training.json").read_text())
+    best, stopped = summary["best_epoch"], summary["epochs_run"]
+    assert stopped == best + 3 < 20, log[-3000:]  # stopped early, patience epochs after the best
+    return SimpleNamespace(args=args, output=output, summary=summary, best=best, stopped=stopped,
+                           history=json.loads((output / "history.json").read_text()))
+
+
+@pytest.mark.parametrize("killed", ["past the best epoch", "after the stop"])
+def test_early_stopping_counts_on_after_a_resume(early_stopped, tmp_path, killed):
+    """Killed once an epoch past the best is backed up (its wait count at 1 of 3), or once EarlyStopping has
+    stopped (while the model is saved and published), the retry stops where the uninterrupted run stopped
+    (after epoch 8 on the development VM) and keeps the best epoch's weights (epoch 5's). Were its patience to
+    count again from the resume, it would train on to epoch 10 or later, and restore the best of the resumed
+    epochs."""
+    import keras
+    import numpy as np
+
+    import tfjobs.modeling.layers  # noqa: F401 (registers the model's layers for loading)
+
+    store, temp = tmp_path / "store", tmp_path / "temp"
+    args = early_stopped.args(store / "train")
+    best, stopped = early_stopped.best, early_stopped.stopped
+    kill_at = best + 1 if killed == "past the best epoch" else stopped
+    run_killed("train", *args, temp=temp, kill_when=lambda: backed_up_epochs(temp) >= kill_at,
+               reader=complete_or_absent(store / "train", "training.json", {}))
+    assert not (store / "train" / "training.json").exists(), "the kill landed after the training was published"
+    resumed_from = backed_up_epochs(temp)
+    log = run_step("train", *args, temp=temp, log_level="INFO")
+
+    assert re.findall(r"epoch (\d+)/20", log) == [str(n) for n in range(resumed_from + 1, stopped + 1)], log[-3000:]
+    summary = json.loads((store / "train" / "training.json").read_text())
+    assert (summary["best_epoch"], summary["epochs_run"]) == (best, stopped)
+    assert summary["metrics"] == early_stopped.summary["metrics"]
+    assert json.loads((store / "train" / "history.json").read_text()) == early_stopped.history
+    trained = [keras.saving.load_model(path / "training_model.keras", compile=False).get_weights()
+               for path in (early_stopped.output, store / "train")]
+    assert all(np.array_equal(a, b) for a, b in zip(*trained, strict=True)), "the retry kept other weights"
+    ran = f"epochs {resumed_from + 1}-{stopped}" if resumed_from < stopped else "no epoch"
+    print(f"train: killed {killed} (epoch {resumed_from} backed up); the retry ran {ran}, stopped after epoch "
+          f"{stopped} and kept epoch {best}'s weights, as uninterrupted")
+
+
+@pytest.fixture(scope="module")
+def housing_model(housing):
+    """A model trained for two epochs on the housing shards, and its evaluation (the reference)."""
+    ref = housing.reference
+    run_step("train", "--spec", housing.spec, "--shards", f"{ref}/shards/manifest.json",
+             "--state", f"{ref}/preprocessing/state.json", "--output", f"{ref}/train",
+             "--set", "epochs=2", "--set", "batch_size=2048", temp=ref.parent / "temp")
+    args = lambda output: ["--spec", housing.spec, "--model", f"{ref}/train/training_model.keras",  # noqa: E731
+                           "--state", f"{ref}/train/state.json", "--shards", f"{ref}/shards/manifest.json",
+                           "--output", str(output)]
+    start = time.monotonic()
+    run_step("evaluate", *args(ref / "evaluate"), temp=ref.parent / "temp")
+    return SimpleNamespace(args=args, reference=files(ref / "evaluate"), seconds=time.monotonic() - start)
+
+
+def test_a_killed_evaluation_reruns_to_the_same_metrics(housing_model, tmp_path):
+    """Killed while it scores the test split (50,000 rows): no metrics.json (the blessing) until the whole
+    report is there, and the retry writes the reference's, byte for byte (the evaluation is deterministic)."""
+    store, temp, log = tmp_path / "store", tmp_path / "temp", tmp_path / "evaluate.log"
+    args = housing_model.args(store / "evaluate")
+    assert set(housing_model.reference) == {"metrics.json"}
+    reader = complete_or_absent(store / "evaluate", "metrics.json", housing_model.reference)
+
+    started = time.monotonic()
+    run_killed("evaluate", *args, temp=temp, log=log, reader=reader,
+               kill_when=lambda: "Scoring candidate on the test split" in log.read_text())
+    killed_after = time.monotonic() - started
+    assert not (store / "evaluate" / "metrics.json").exists(), "the kill landed after the evaluation was written"
+    run_step("evaluate", *args, temp=temp)
+    assert files(store / "evaluate") == housing_model.reference
+    assert list(temp.glob("shardline-*")) == []
+    print(f"evaluate: killed {killed_after:.1f}s in (while scoring; a whole run takes {housing_model.seconds:.1f}s); "
+          "the retry wrote the reference's metrics.json")
 
 
 def test_a_shard_run_killed_mid_upload_to_s3_reruns_to_the_same_objects(housing, tmp_path, monkeypatch):
@@ -282,3 +384,127 @@ def test_a_shard_run_killed_mid_upload_to_s3_reruns_to_the_same_objects(housing,
         run_step("shard", *args, temp=temp)
         assert objects() == reference
     assert list(temp.glob("shardline-*")) == []
+
+
+class Freeze:
+    """An ``on_request`` for :class:`s3_server.FaultyProxy`: forwards requests until ``after`` PUTs that
+    ``match(path, headers)`` have gone through, then holds every request (the client frozen mid-publish,
+    as a pre-empted pod's) until ``drop()``, which drops the held connections unanswered."""
+
+    def __init__(self, match, after: int):
+        self.match, self.after, self.seen = match, after, 0
+        self.lock, self.frozen, self.dropped = threading.Lock(), threading.Event(), threading.Event()
+
+    def __call__(self, method, path, headers):
+        with self.lock:
+            if not self.frozen.is_set():
+                if method != "PUT" or not self.match(path, headers):
+                    return None
+                self.seen += 1
+                if self.seen <= self.after:
+                    return None
+                self.frozen.set()
+        self.dropped.wait(120)
+        return "drop"
+
+    def drop(self):
+        self.dropped.set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["upload", "copy"])
+def test_an_export_killed_mid_publish_to_s3_shows_no_partial_version_and_reruns(
+        penguins_pipeline, tmp_path, monkeypatch, phase):
+    """On the moto S3 endpoint, the export is killed between two of the SavedModel's objects: while it
+    uploads them (to its hidden staging prefix), or while it copies them into ``<version>/`` on the server.
+    A TF Serving-like version scan (integer directories holding ``saved_model.pb``) must never see a
+    version without all its files; the retry publishes the same weights; it leaves no staging of its own."""
+    from s3_server import REGION, FaultyProxy, moto_s3
+
+    run, temp = penguins_pipeline, tmp_path / "temp"
+    version = "1764028800"
+    published = Path(run.export.version_uri)  # the same model, exported to a local store by the fixture
+    reference_files = set(files(published))
+    weights = json.loads((published / "shardline.json").read_text())["weights_sha256"]
+    copied_into_a_version = re.compile(r"/serving/penguins/\d+/")
+    match = {
+        "upload": lambda path, headers: "/.staging-" in path and "x-amz-copy-source" not in headers,
+        "copy": lambda path, headers: bool(copied_into_a_version.search(path)) and "x-amz-copy-source" in headers,
+    }[phase]
+    with moto_s3() as endpoint:
+        client = endpoint.client()
+        serving = f"s3://{endpoint.bucket}/serving/penguins"
+        for name, value in {"AWS_ACCESS_KEY_ID": endpoint.access_key, "AWS_SECRET_ACCESS_KEY": endpoint.secret_key,
+                            "AWS_DEFAULT_REGION": REGION}.items():
+            monkeypatch.setenv(name, value)  # for the step's processes
+
+        def listing() -> dict[str, list[str]]:
+            """Each child of the serving prefix: the keys under it."""
+            children: dict[str, list[str]] = {}
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=endpoint.bucket,
+                                                                         Prefix="serving/penguins/"):
+                for item in page.get("Contents", []):
+                    child, _, rest = item["Key"][len("serving/penguins/"):].partition("/")
+                    children.setdefault(child, []).append(rest)
+            return children
+
+        partial_dirs_seen = set()
+
+        def version_scan():  # TF Serving's view: integer children; a version is one with saved_model.pb
+            for child, keys in listing().items():
+                if child.isdigit() and "saved_model.pb" in keys:
+                    assert set(keys) == reference_files, f"version {child} was loadable while incomplete: {keys}"
+                elif child.isdigit():
+                    partial_dirs_seen.add(child)
+
+        args = lambda url: ["--spec", str(ROOT / "include" / "penguins.yaml"),  # noqa: E731
+                            "--model", run.train.model_uri, "--state", run.train.state_uri,
+                            "--shards", run.shard.manifest_uri, "--metrics", run.evaluate.metrics_uri,
+                            "--serving", serving, "--version", version, "--s3-endpoint-url", url]
+        freeze = Freeze(match, after=2)
+        with FaultyProxy(endpoint.url, share=0, on_request=freeze) as proxy:
+            try:
+                run_killed("export", *args(proxy.url), temp=temp, kill_when=freeze.frozen.is_set,
+                           reader=version_scan)
+            finally:
+                freeze.drop()
+        after_kill = listing()
+        assert not any(child.isdigit() and "saved_model.pb" in keys for child, keys in after_kill.items())
+        staged_after_kill = {child for child in after_kill if child.startswith(".staging-")}
+        if phase == "upload":
+            assert staged_after_kill and not any(child.isdigit() for child in after_kill), after_kill
+
+        run_step("export", *args(endpoint.url), temp=temp)
+        version_scan()
+        after_retry = listing()
+        versions = {child for child in after_retry if child.isdigit()}
+        assert versions == {version}, after_retry
+        metadata = json.loads(client.get_object(Bucket=endpoint.bucket,
+                                                Key=f"serving/penguins/{version}/shardline.json")["Body"].read())
+        assert metadata["weights_sha256"] == weights
+        left = {child for child in after_retry if not child.isdigit()}
+        # The retry removes its own staging prefix; a killed upload's stays (TF Serving skips it: its name is
+        # not an integer) until the bucket's lifecycle rule on serving/<model>/.staging- expires it.
+        assert left == staged_after_kill, f"the retry left its staging behind: {left - staged_after_kill}"
+    assert list(temp.glob("shardline-*")) == []
+    print(f"export on S3, killed mid-{phase}: integer directories without saved_model.pb seen: "
+          f"{sorted(partial_dirs_seen) or 'none'}; staging prefixes left after the retry: {sorted(left) or 'none'}")
+
+
+def test_two_trainings_of_one_run_at_once_train_it_once(housing, tmp_path):
+    """The same date's scheduled run and a manual trigger train the same model into the same output at once:
+    they must not share the epoch backup (each would resume from the other's half-written weights). The
+    second waits for the first, then finds the training up to date."""
+    store, temp = tmp_path / "store", tmp_path / "temp"
+    args = ["--spec", housing.spec, "--shards", f"{housing.reference}/shards/manifest.json",
+            "--state", f"{housing.reference}/preprocessing/state.json", "--output", str(store / "train"),
+            "--set", "epochs=3", "--set", "batch_size=2048", "--log-level", "INFO"]
+    processes = [subprocess.Popen([sys.executable, "-m", "tfjobs.train", *args], env=_env(temp), cwd=ROOT,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [process.communicate(timeout=300)[1] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    trained = [log for log in logs if "epoch 1/3" in log]
+    waited = [log for log in logs if "training the same model into the same output; waiting" in log]
+    assert len(trained) == 1 and len(waited) == 1 and "not retraining" in waited[0], "\n".join(logs)
+    assert json.loads((store / "train" / "training.json").read_text())["epochs_run"] == 3
+    assert list(temp.glob("shardline-*")) == [] and list(temp.glob(".shardline-*")) == []

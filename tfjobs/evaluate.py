@@ -347,6 +347,7 @@ def evaluate_model(
                     models["champion"] = _load_champion(spec, champion, stack)
                 except (ValueError, OSError) as err:
                     champion_problem = f"it cannot be loaded: {err}"
+        log.info("Scoring %s on the test split of %s", " and ".join(models), shards_manifest_uri)
         try:
             results, examples, residuals = evaluate_models(spec, models, shards_manifest_uri)
         except ChampionError as err:

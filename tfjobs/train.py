@@ -6,7 +6,7 @@ hyperparameter overrides, e.g. from Airflow Params). Outputs, under the run's
 
     training_model.keras     the trained model on encoded features
     state.json               a copy of the preprocessing state it was trained with (evaluate and export use it)
-    checkpoints/             best weights so far (ModelCheckpoint)
+    checkpoints/             the best epoch's weights (best.weights.h5; the model holds them too)
     tensorboard/             TensorBoard logs
     history.json             per-epoch metrics
     training_curve.png       loss and metric curves
@@ -45,6 +45,8 @@ directory::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -52,6 +54,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +152,13 @@ def train_model(args: TrainArgs) -> TrainResult:
         if not store_for(uri).exists(uri):
             raise FileNotFoundError(f"{uri} does not exist: run the {step} step first")
     fingerprint = _fingerprint(args, spec, settings, kind)
+    if cluster_task() is not None:  # the cluster's workers train together
+        return _train(args, spec, settings, kind, fingerprint)
+    with one_training_at_a_time(backup_dir(args.output_uri, fingerprint)):
+        return _train(args, spec, settings, kind, fingerprint)
+
+
+def _train(args: TrainArgs, spec: PipelineSpec, settings: TrainingSpec, kind: str, fingerprint: str) -> TrainResult:
     summary_uri = join(args.output_uri, SUMMARY_FILE)
     previous = read_json_if_exists(summary_uri)
     if previous and previous["fingerprint"] == fingerprint and not args.force:
@@ -209,13 +219,48 @@ def backup_dir(output_uri: str, fingerprint: str) -> Path:
     return Path(tempfile.gettempdir()) / f"shardline-train-backup-{key}"
 
 
+@contextlib.contextmanager
+def one_training_at_a_time(backup: Path) -> Iterator[None]:
+    """Hold an exclusive lock for ``backup`` (a training of one output with one fingerprint) on this machine.
+
+    Two runs of the same date (the scheduled run and a manual trigger) train the same model into the
+    same output, and would share the backup: each would write its epochs over the other's and resume
+    from the other's half-written weights. The second waits for the first, then finds its
+    ``training.json`` up to date and trains nothing. The lock file (``.<backup name>.lock``, not matched
+    by the staging directories' reclaimer) is removed by its holder; a waiter that then holds the lock of
+    a removed file takes the new one.
+    """
+    lock_path = backup.with_name(f".{backup.name}.lock")
+    while True:
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Another process on this machine is training the same model into the same output; waiting for "
+                     "it (%s)", lock_path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path)
+        os.close(fd)
+
+
 def resumable(backup: Path) -> list:
     """Callbacks that back up each finished epoch and, in a retry, resume after the last one.
 
     Keras's ``BackupAndRestore`` keeps the weights, the optimizer and the epoch count (two copies:
     a kill while it writes one leaves the other); the history of the epochs already run is kept
-    beside it, so the retry's history and summary cover every epoch. EarlyStopping's patience
-    counts again from the resumed epoch.
+    beside it, so the retry's history and summary cover every epoch. EarlyStopping's count is kept
+    too (:func:`early_stopping`). Each keeps what it needs per finished epoch, written before that
+    epoch's backup, and takes up at the epoch the backup resumes at (the first ``on_epoch_begin``).
     """
     import keras
 
@@ -226,23 +271,135 @@ def resumable(backup: Path) -> list:
             super().__init__()
             self.path = backup / "history.json"
             self.epochs: dict[str, list[float]] = {}
+            self.resumed = False
 
         def on_train_begin(self, logs=None):
-            done = backup / "training_metadata.json"
-            if self.path.exists() and done.exists():  # as many epochs as the weights have
-                count = json.loads(done.read_text())["epoch"]
-                self.epochs = {k: v[:count] for k, v in json.loads(self.path.read_text()).items()}
-                log.info("Resuming after epoch %d from the backup in %s", count, backup)
+            self.resumed = False
+            if self.path.exists():
+                self.epochs = json.loads(self.path.read_text())
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if not self.resumed:  # as many epochs as the restored weights have (the older backup's, if it fell back)
+                self.resumed = True
+                self.epochs = {k: v[:epoch] for k, v in self.epochs.items()}
+                if epoch:
+                    log.info("Resuming after epoch %d from the backup in %s", epoch, backup)
 
         def on_epoch_end(self, epoch, logs=None):
             for name, value in (logs or {}).items():
                 self.epochs.setdefault(name, []).append(float(value))
-            backup.mkdir(parents=True, exist_ok=True)
-            (backup / "history.json.tmp").write_text(json.dumps(self.epochs))
-            os.replace(backup / "history.json.tmp", self.path)
+            _write_atomically(self.path, json.dumps(self.epochs))
 
     return [EpochHistory(), keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True,
                                                              delete_checkpoint=False)]
+
+
+EARLY_STOPPING_FILE = "early_stopping.json"
+
+
+def early_stopping(patience: int, backup: Path | None):
+    """EarlyStopping on ``val_loss`` with the best weights restored; with a ``backup``, its count survives a kill.
+
+    Keras's EarlyStopping starts again at each ``fit()``: after a resume its wait count, best value
+    and best weights would be those of the resumed epochs alone, so a retry would train ``patience``
+    epochs more than the uninterrupted run and could restore a worse epoch's weights. With ``backup``
+    it writes ``early_stopping.json`` (wait, best, best epoch, stopped epoch, for each finished epoch)
+    and the best weights (``early_stopping-<epoch>.npz``, one per improvement, the two latest kept) at each
+    epoch's end, before the epoch's backup, and takes them up again for the epoch training resumes at.
+    """
+    import keras
+
+    if backup is None:
+        return keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+
+    class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+        def on_train_begin(self, logs=None):
+            self.states = _early_stopping_states(backup)
+            self.first_epoch = True
+            # Before any epoch: a fit() left with no epoch to run (it had stopped) restores the best weights too.
+            self._take_up(_backed_up_epochs(backup))
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self.first_epoch and epoch != self.resumed_at:  # the backup fell back to its older copy
+                self._take_up(epoch)
+            self.first_epoch = False
+
+        def _take_up(self, finished: int | None):
+            super().on_train_begin()
+            self.resumed_at = finished
+            state = self.states.get(str(finished)) if finished else None
+            if finished and state is None:
+                log.warning("The backup in %s has no EarlyStopping state for epoch %d: its patience counts again",
+                            backup, finished)
+            if state is None:
+                return
+            self.wait, self.best, self.best_epoch = state["wait"], state["best"], state["best_epoch"]
+            self.stopped_epoch = state["stopped_epoch"]
+            if self.restore_best_weights:
+                import numpy as np
+
+                with np.load(backup / f"early_stopping-{self.best_epoch}.npz") as saved:
+                    self.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+            log.info("EarlyStopping resumes after epoch %d: best val_loss %.6g at epoch %d, %d epoch(s) without "
+                     "improvement (patience %d)", finished, self.best, self.best_epoch + 1, self.wait, self.patience)
+
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, logs)
+            if self.restore_best_weights and self.best_weights is not None:
+                weights = backup / f"early_stopping-{self.best_epoch}.npz"
+                if self.best_epoch == epoch or not weights.exists():  # (a killed try may have left another's)
+                    backup.mkdir(parents=True, exist_ok=True)
+                    _write_npz_atomically(weights, self.best_weights)
+            self.states[str(epoch + 1)] = {
+                "wait": self.wait, "best": None if self.best is None else float(self.best),
+                "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch,
+            }
+            _write_atomically(backup / EARLY_STOPPING_FILE, json.dumps(self.states))
+            # The weights the two latest states name (the backup falls back to the older one) are all a retry needs.
+            keep = {f"early_stopping-{s['best_epoch']}.npz" for k, s in self.states.items() if int(k) >= epoch}
+            for old in backup.glob("early_stopping-*.npz"):
+                if old.name not in keep:
+                    old.unlink()
+
+    return ResumableEarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
+
+
+def stopped_early(backup: Path | None) -> int | None:
+    """The number of epochs a backed-up run had finished when EarlyStopping stopped it; None if it had not."""
+    if backup is None:
+        return None
+    finished = _backed_up_epochs(backup)
+    state = _early_stopping_states(backup).get(str(finished)) if finished else None
+    return finished if state and state["stopped_epoch"] else None
+
+
+def _backed_up_epochs(backup: Path) -> int | None:
+    try:
+        return json.loads((backup / "training_metadata.json").read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _early_stopping_states(backup: Path) -> dict:
+    try:
+        return json.loads((backup / EARLY_STOPPING_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_npz_atomically(path: Path, arrays: list) -> None:
+    import numpy as np
+
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **{f"w{i}": a for i, a in enumerate(arrays)})
+    os.replace(tmp, path)
 
 
 def _fingerprint(args: TrainArgs, spec: PipelineSpec, settings: TrainingSpec, kind: str) -> str:
@@ -405,15 +562,7 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             features, _ = eval_data[0] if isinstance(eval_data, keras.utils.PyDataset) else next(iter(eval_data))
             model(features)
         callbacks = [
-            keras.callbacks.EarlyStopping(
-                monitor="val_loss", patience=settings.early_stopping_patience, restore_best_weights=True
-            ),
-            keras.callbacks.ModelCheckpoint(
-                str(out_dir / "checkpoints" / "best.weights.h5"),
-                monitor="val_loss",
-                save_best_only=True,
-                save_weights_only=True,
-            ),
+            early_stopping(settings.early_stopping_patience, backup),
             keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard")),
             epoch_progress(settings.epochs),
             *args.callbacks,
@@ -434,11 +583,16 @@ def _fit(spec: PipelineSpec, settings: TrainingSpec, kind: str, args: TrainArgs,
             )
         else:
             # shuffle=False: the input pipeline already shuffles files and records each epoch.
+            # A retry of a run that EarlyStopping had stopped (killed while it saved or published) runs no epoch more.
             history = model.fit(
-                train_data, validation_data=eval_data, epochs=settings.epochs, callbacks=callbacks, shuffle=False,
+                train_data, validation_data=eval_data, epochs=stopped_early(backup) or settings.epochs,
+                callbacks=callbacks, shuffle=False,
                 verbose=0,
             )
     model.save(out_dir / MODEL_FILE)
+    # The best epoch's weights, which EarlyStopping has restored: what a ModelCheckpoint(save_best_only) would
+    # have left, but also after a resume (a ModelCheckpoint's best would be the resumed epochs' alone).
+    model.save_weights(out_dir / "checkpoints" / "best.weights.h5")
     epochs = resume[0].epochs if resume else history.history  # every epoch, those before a resume included
     (out_dir / "history.json").write_text(json.dumps(epochs, indent=2) + "\n")
     plot_training_curves(epochs, out_dir / "training_curve.png", title=f"{spec.name}: {kind}")
