@@ -622,3 +622,31 @@ def test_two_exports_of_different_models_racing_for_one_version_on_s3(bucket, pe
     assert retried["result"].version == args.version + 1  # the next free second of the day
     assert read_json(f"{serving}/{args.version}/shardline.json") == metadata  # the winner's version untouched
     assert not [u for u in store_for(serving).list(serving) if "/.claims/" in u or "/.staging-" in u]
+
+
+def test_a_publish_removes_what_publishes_that_died_long_ago_left_and_nothing_recent(bucket, tmp_path, monkeypatch):
+    """Killed publishes leave a staging prefix and a claim over a half-copied version; hours later they go."""
+    from tfjobs.storage import store as store_module
+
+    store = store_for(bucket)
+    serving = f"{bucket}/reclaim/model"
+    for key, data in {
+        ".staging-5-dead/saved_model.pb": b"staged",  # a staging prefix of a publish killed mid-copy
+        "5/variables/v": b"half",  # ... the version it had half copied, claimed
+        ".claims/5": b'{"owner": "a"}',
+        "6/saved_model.pb": b"done",  # a published version whose claim was not deleted
+        "6/variables/v": b"done",
+        ".claims/6": b'{"owner": "b"}',
+    }.items():
+        store.write_bytes(f"{serving}/{key}", data)
+    time.sleep(3)
+    store.write_bytes(f"{serving}/.staging-8-live/variables/v", b"a publish under way")
+    store.write_bytes(f"{serving}/.claims/8", b'{"owner": "c"}')
+    monkeypatch.setattr(store_module, "ABANDONED_AFTER_S", 2.0)
+    (tmp_path / "variables").mkdir()
+    (tmp_path / "variables" / "v").write_bytes(b"new")
+    (tmp_path / "saved_model.pb").write_bytes(b"new")
+    store.publish_dir(tmp_path, f"{serving}/7", last=["saved_model.pb"], exclusive=True, owner="d")
+    left = {uri[len(serving) + 1 :] for uri in store.list(serving)}
+    assert left == {"6/saved_model.pb", "6/variables/v", "7/saved_model.pb", "7/variables/v",
+                    ".staging-8-live/variables/v", ".claims/8"}

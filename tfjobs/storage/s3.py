@@ -290,6 +290,17 @@ class S3Store(ObjectStore):
             raise _explain(err, "list", prefix) from err
         return sorted(uris)
 
+    def modified(self, prefix: str) -> dict[str, float]:
+        bucket, key = split_uri(prefix)
+        key = key.rstrip("/")
+        try:
+            paginator = client().get_paginator("list_objects_v2")
+            return {f"s3://{bucket}/{item['Key']}": item["LastModified"].timestamp()
+                    for page in paginator.paginate(Bucket=bucket, Prefix=f"{key}/" if key else "")
+                    for item in page.get("Contents", [])}
+        except Exception as err:
+            raise _explain(err, "list", prefix) from err
+
     def delete(self, prefix: str) -> None:
         bucket, _ = split_uri(prefix)
         keys = [split_uri(u)[1] for u in self.list(prefix)]

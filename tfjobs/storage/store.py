@@ -50,6 +50,9 @@ PUBLISH_CONCURRENCY = 8
 STAGING_PREFIX = "shardline-"  # local staging directories: <temp folder>/shardline-<random>, see StagingDir
 _LOCK_SUFFIX = ".lock"
 CLAIMS_DIR = ".claims"  # <parent>/.claims/<name>: who publishes <parent>/<name>, see ObjectStore.claim
+#: A staging prefix or claim untouched for this long belongs to a publish that died (no publish copies for
+#: hours): the next publish beside it removes it, with a partial directory its claim left (reclaim_abandoned).
+ABANDONED_AFTER_S = 6 * 3600
 _TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # .<name>.<uuid>.tmp, see owned_temp
 
 
@@ -137,6 +140,8 @@ class ObjectStore(ABC):
         """
         local_dir = Path(local_dir)
         files = _files_with_markers(local_dir, last)
+        if staged or exclusive:
+            self.reclaim_abandoned(uri.rstrip("/").rpartition("/")[0], last)
         before_markers: Callable[[], None] = lambda: None  # noqa: E731
         if exclusive:
             token = self.claim(uri, owner)
@@ -169,6 +174,58 @@ class ObjectStore(ABC):
                 f"{uri} is published and complete, but its staging copy {staging} could not be removed: {err}. "
                 "Readers ignore it (its name is not an integer); delete it once the cause is fixed."
             ) from err
+
+    def modified(self, prefix: str) -> dict[str, float]:
+        """Each object under ``prefix`` and when it was last written (seconds since the epoch)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot tell when objects were written")
+
+    def reclaim_abandoned(self, parent: str, markers: Sequence[str] = (),
+                          older_than_s: float | None = None) -> list[str]:
+        """Remove what killed publishes left under ``parent``; the prefixes removed.
+
+        A publish that is killed leaves its staging prefix (``.staging-<name>-<id>``) and, if
+        exclusive, its claim (``.claims/<name>``) with the directory half copied: an integer
+        directory without ``saved_model.pb`` that TF Serving would try, and fail, to load. Its
+        retry replaces them; without one, they stay. Once nothing under a staging prefix or
+        a claim was written for ``older_than_s``, its publish is dead: the prefix goes, and
+        so does a claimed directory that lacks any of ``markers`` (one that has them all was
+        published, and only its claim is left; without ``markers`` nothing tells, and it stays).
+        Failures here are logged, not raised: they must not stop the publish that found them.
+        """
+        removed = []
+        older_than_s = ABANDONED_AFTER_S if older_than_s is None else older_than_s
+        try:
+            now = time.time()
+            entries = self.modified(parent)
+        except (NotImplementedError, FileNotFoundError):
+            return removed
+        except Exception as err:
+            log.warning("Could not look for abandoned publishes under %s: %s", parent, err)
+            return removed
+        groups: dict[str, list[float]] = {}
+        for uri, written in entries.items():
+            rest = uri[len(parent.rstrip("/")) + 1 :]
+            top = rest.split("/", 1)[0]
+            if top.startswith(".staging-"):
+                groups.setdefault(join(parent, top), []).append(written)
+            elif top == CLAIMS_DIR and rest.count("/") == 1:
+                groups.setdefault(uri, []).append(written)
+        for prefix, times in sorted(groups.items()):
+            if now - max(times) < older_than_s:
+                continue
+            try:
+                if prefix.rpartition("/")[0].endswith(f"/{CLAIMS_DIR}"):
+                    target = join(parent, prefix.rpartition("/")[2])
+                    if markers and not all(self.exists(join(target, marker)) for marker in markers):
+                        self.delete(target)
+                        removed.append(target)
+                self.delete(prefix)
+                removed.append(prefix)
+            except Exception as err:
+                log.warning("Could not remove %s, left by a publish that died: %s", prefix, err)
+        if removed:
+            log.warning("Removed what publishes that died left (untouched for over %.0f s): %s", older_than_s, removed)
+        return removed
 
     def _replace_dir(self, uri: str, files: list[str], last: Sequence[str], put: Callable[[str], None],
                      before_markers: Callable[[], None] = lambda: None) -> None:
