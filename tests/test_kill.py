@@ -329,7 +329,8 @@ def housing_model(housing):
                            "--output", str(output)]
     start = time.monotonic()
     run_step("evaluate", *args(ref / "evaluate"), temp=ref.parent / "temp")
-    return SimpleNamespace(args=args, reference=files(ref / "evaluate"), seconds=time.monotonic() - start)
+    return SimpleNamespace(args=args, reference=files(ref / "evaluate"), seconds=time.monotonic() - start,
+                           housing=housing)
 
 
 def test_a_killed_evaluation_reruns_to_the_same_metrics(housing_model, tmp_path):
@@ -508,3 +509,72 @@ def test_two_trainings_of_one_run_at_once_train_it_once(housing, tmp_path):
     assert len(trained) == 1 and len(waited) == 1 and "not retraining" in waited[0], "\n".join(logs)
     assert json.loads((store / "train" / "training.json").read_text())["epochs_run"] == 3
     assert list(temp.glob("shardline-*")) == [] and list(temp.glob(".shardline-*")) == []
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from s3_server import moto_s3
+
+    with moto_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.mark.parametrize(("step", "output", "marker", "kill_point"), [
+    ("fetch", "raw", "manifest.json", "shardline-*/data.csv"),
+    ("validate", "validated", "report.json", ("shardline-*/data.parquet", 1 << 20)),
+    ("adapt", "preprocessing", "state.json", None),
+    ("train", "train", "training.json", "epoch 2 backed up"),
+    ("evaluate", "evaluate", "metrics.json", "scoring"),
+])
+def test_a_step_killed_on_s3_reruns_to_the_same_objects(housing_model, s3_endpoint, tmp_path, monkeypatch,
+                                                        step, output, marker, kill_point):
+    """Each step writing to the moto S3 endpoint (its inputs the local reference's), killed at the local test's
+    point: no reader sees the marker object over an incomplete output, and the retry writes the reference's
+    objects byte for byte (training, whose weights are not reproducible, resumes and finishes instead)."""
+    from s3_server import REGION
+
+    housing, endpoint = housing_model.housing, s3_endpoint
+    client, temp, prefix = endpoint.client(), tmp_path / "temp", f"{step}-{tmp_path.name}"
+    for name, value in {"AWS_ACCESS_KEY_ID": endpoint.access_key, "AWS_SECRET_ACCESS_KEY": endpoint.secret_key,
+                        "AWS_DEFAULT_REGION": REGION}.items():
+        monkeypatch.setenv(name, value)  # for the step's processes
+    reference = {} if step == "train" else files(housing.reference / output)
+    ref = housing.reference
+    inputs = {**housing.args(ref),
+              "train": ["--shards", f"{ref}/shards/manifest.json", "--state", f"{ref}/preprocessing/state.json",
+                        "--set", "epochs=4", "--set", "batch_size=2048", "--set", "early_stopping_patience=4"],
+              "evaluate": housing_model.args("")[2:-2]}[step]
+    inputs = [arg for arg in inputs if arg not in ("--output", f"{ref}/{output}")]
+    args = ["--spec", housing.spec, *inputs, "--output", f"s3://{endpoint.bucket}/{prefix}",
+            "--s3-endpoint-url", endpoint.url]
+
+    def objects() -> dict[str, str]:
+        listed = client.list_objects_v2(Bucket=endpoint.bucket, Prefix=f"{prefix}/").get("Contents", [])
+        return {o["Key"][len(prefix) + 1:]: hashlib.sha256(
+            client.get_object(Bucket=endpoint.bucket, Key=o["Key"])["Body"].read()).hexdigest() for o in listed}
+
+    def reader():
+        if client.list_objects_v2(Bucket=endpoint.bucket, Prefix=f"{prefix}/{marker}").get("KeyCount", 0):
+            assert objects() == reference, f"{marker} was readable over an incomplete output"
+
+    log = tmp_path / "step.log"
+    if kill_point == "scoring":
+        kill_when = lambda: "Scoring candidate on the test split" in log.read_text()  # noqa: E731
+    elif kill_point == "epoch 2 backed up":
+        kill_when = lambda: backed_up_epochs(temp) >= 2  # noqa: E731
+    elif kill_point:
+        kill_when = appears(temp, *kill_point) if isinstance(kill_point, tuple) else appears(temp, kill_point)
+    else:
+        deadline = time.monotonic() + housing.times[step] / 2
+        kill_when = lambda: time.monotonic() > deadline  # noqa: E731
+    run_killed(step, *args, temp=temp, kill_when=kill_when, reader=reader,
+               **({"log": log} if kill_point == "scoring" else {}))
+    assert marker not in objects(), "the kill landed after the output was published"
+    retry_log = run_step(step, *args, temp=temp, log_level="INFO")
+    if step == "train":
+        assert re.findall(r"epoch (\d+)/4", retry_log)[0] == "3", retry_log[-3000:]  # resumed after epoch 2
+        summary = json.loads(client.get_object(Bucket=endpoint.bucket, Key=f"{prefix}/training.json")["Body"].read())
+        assert summary["epochs_run"] == 4
+    else:
+        assert objects() == reference
+    assert list(temp.glob("shardline-*")) == [], "a staging directory is left after the retry"
