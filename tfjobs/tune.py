@@ -188,12 +188,26 @@ def _storage(args: TuneArgs):
         engine = {"connect_args": {"timeout": 120}}  # runners on one machine take turns writing
     else:
         engine = {"pool_pre_ping": True}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=args.heartbeat_s, grace_period=args.grace_s,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-        )
+    import sqlalchemy.exc
+
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=args.heartbeat_s, grace_period=args.grace_s,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRIES),
+                )
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as err:
+            # RDBStorage creates its tables on opening a new database; two processes opening it at once can
+            # both try ("table studies already exists", "UNIQUE constraint failed: alembic_version", seen with
+            # SQLite): the tables are there on the next try. Anything else fails again, and then for good.
+            if attempt == 2:
+                raise
+            log.info("Opening the study database %s failed (%s); another process may be creating it: again",
+                     shown_storage(url), str(err).splitlines()[0][:200])
+            time.sleep(0.5)
 
 
 def _sampler(args: TuneArgs):
