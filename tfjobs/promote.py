@@ -49,7 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tfjobs import cli
-from tfjobs.storage.store import PreconditionFailedError, join, read_json, read_json_if_exists, store_for
+from tfjobs.storage.store import PreconditionFailedError, join, json_bytes, read_json, read_json_if_exists, store_for
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +150,6 @@ def base_path(serving_uri: str) -> str:
     return str(path.resolve()) if path is not None else serving_uri.rstrip("/")
 
 
-def pointer_bytes(pointer: dict) -> bytes:
-    return (json.dumps(pointer, indent=2, sort_keys=True) + "\n").encode()
-
-
 def config_for(serving_uri: str, pointer: dict) -> str:
     canary = (pointer.get("canary") or {}).get("version")
     return models_config(pointer["model_name"], base_path(serving_uri), pointer["version"], canary)
@@ -178,9 +174,9 @@ def update_pointer(serving_uri: str, change: Callable[[dict | None], dict | None
             return old, False
         try:
             if current is None:
-                store.write_conditional(uri, pointer_bytes(new), if_absent=True)
+                store.write_conditional(uri, json_bytes(new), if_absent=True)
             else:
-                store.write_conditional(uri, pointer_bytes(new), if_match=current[1])
+                store.write_conditional(uri, json_bytes(new), if_match=current[1])
         except PreconditionFailedError:
             log.info("%s changed while this promotion computed its update (try %d): reading it again", uri, attempt + 1)
             time.sleep(random.uniform(0, min(1.0, 0.02 * 2**attempt)))
@@ -238,7 +234,7 @@ def set_production(
     none is lost. ``check(current_pointer)`` runs on each try and may raise to refuse
     (``promote_evaluated``: never over a newer day's version).
     """
-    from tfjobs.export import METADATA_FILE, published_versions
+    from tfjobs.export import METADATA_FILE, SAVED_MODEL_MARKER, published_versions
 
     versions = published_versions(serving_uri)
     if version not in versions:
@@ -255,7 +251,7 @@ def set_production(
         "forced": forced,
     }
 
-    marker = join(versions[version], "saved_model.pb")
+    marker = join(versions[version], SAVED_MODEL_MARKER)
 
     def change(old: dict | None) -> dict | None:
         if check is not None:
@@ -336,7 +332,7 @@ def prune(serving_uri: str, keep_versions: int) -> list[int]:
     meanwhile is kept; a promotion re-checks that its version is still published on each
     try of its write. (What is left: a promotion landing between that read and the delete.)
     """
-    from tfjobs.export import published_versions
+    from tfjobs.export import SAVED_MODEL_MARKER, published_versions
 
     versions = published_versions(serving_uri)
     excess = len(versions) - keep_versions
@@ -349,7 +345,7 @@ def prune(serving_uri: str, keep_versions: int) -> list[int]:
         if version in (pointer.get("version"), (pointer.get("canary") or {}).get("version")):
             continue
         # saved_model.pb first: a half-deleted directory is then no version, for TF Serving nor for Shardline.
-        store.delete(join(uri, "saved_model.pb"))
+        store.delete(join(uri, SAVED_MODEL_MARKER))
         store.delete(uri)
         pruned.append(version)
         excess -= 1

@@ -635,8 +635,13 @@ def read_json(uri: str) -> Any:
     return json.loads(store_for(uri).read_bytes(uri))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """How the store holds JSON: indented, keys sorted, a final newline (the same object, the same bytes)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
 def write_json(uri: str, obj: Any) -> None:
-    store_for(uri).write_bytes(uri, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    store_for(uri).write_bytes(uri, json_bytes(obj))
 
 
 def read_json_if_exists(uri: str) -> Any | None:
