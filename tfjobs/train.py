@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -61,7 +62,8 @@ from typing import Any
 
 from tfjobs import cli
 from tfjobs.spec import PipelineSpec, TrainingSpec, load_spec, tuned_state
-from tfjobs.storage.store import join, local_dir_copy, read_json_if_exists, staging_dir, store_for
+from tfjobs.storage.store import (join, local_dir_copy, read_json_if_exists, staging_dir, store_for,
+                                  write_file_atomically)
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +290,7 @@ def resumable(backup: Path) -> list:
         def on_epoch_end(self, epoch, logs=None):
             for name, value in (logs or {}).items():
                 self.epochs.setdefault(name, []).append(float(value))
-            _write_atomically(self.path, json.dumps(self.epochs))
+            write_file_atomically(self.path, json.dumps(self.epochs).encode())
 
     return [EpochHistory(), keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True,
                                                              delete_checkpoint=False)]
@@ -354,7 +356,7 @@ def early_stopping(patience: int, backup: Path | None):
                 "wait": self.wait, "best": None if self.best is None else float(self.best),
                 "best_epoch": self.best_epoch, "stopped_epoch": self.stopped_epoch,
             }
-            _write_atomically(backup / EARLY_STOPPING_FILE, json.dumps(self.states))
+            write_file_atomically(backup / EARLY_STOPPING_FILE, json.dumps(self.states).encode())
             # The weights the two latest states name (the backup falls back to the older one) are all a retry needs.
             keep = {f"early_stopping-{s['best_epoch']}.npz" for k, s in self.states.items() if int(k) >= epoch}
             for old in backup.glob("early_stopping-*.npz"):
@@ -387,19 +389,12 @@ def _early_stopping_states(backup: Path) -> dict:
         return {}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_npz_atomically(path: Path, arrays: list) -> None:
     import numpy as np
 
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{f"w{i}": a for i, a in enumerate(arrays)})
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"w{i}": a for i, a in enumerate(arrays)})
+    write_file_atomically(path, buffer.getvalue())
 
 
 def _fingerprint(args: TrainArgs, spec: PipelineSpec, settings: TrainingSpec, kind: str) -> str:

@@ -333,12 +333,7 @@ class LocalStore(ObjectStore):
         return self.path(uri).read_bytes()
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        target = self.path(uri)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        reclaim_temp_files(target.parent)
-        with owned_temp(target, lambda tmp: tmp.touch(exist_ok=False)) as tmp:
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+        write_file_atomically(self.path(uri), data)
 
     def read_versioned(self, uri: str) -> tuple[bytes, str] | None:
         """The file and the SHA-256 of its bytes (its version token)."""
@@ -516,6 +511,18 @@ def owned_temp(target: Path, create: Callable[[Path], None]) -> Iterator[Path]:
                 shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         finally:
             os.close(fd)
+
+
+def write_file_atomically(target: Path, data: bytes) -> None:
+    """``target`` holds all of ``data`` or its old content, never part: an owned temporary, then a rename.
+
+    Temporaries that killed writers left in the directory go first (:func:`reclaim_temp_files`).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    reclaim_temp_files(target.parent)
+    with owned_temp(target, lambda tmp: tmp.touch(exist_ok=False)) as tmp:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
 
 
 def reclaim_temp_files(directory: str | Path) -> list[Path]:
