@@ -258,6 +258,34 @@ def test_a_killed_training_resumes_after_its_last_finished_epoch(housing, tmp_pa
           f"the retry ran epochs {epochs[0]}-6 in {retry_s:.1f}s")
 
 
+def test_a_backup_neither_copy_of_which_reads_fails_one_try_and_the_next_trains_from_the_start(housing, tmp_path):
+    """Keras reads the older copy when the newer is unreadable; with both unreadable (a full disk, a bad
+    block), the try fails naming the backup and removes it, so the next try trains every epoch instead of
+    every retry failing on the same files."""
+    store, temp = tmp_path / "store", tmp_path / "temp"
+    args = ["--spec", housing.spec, "--shards", f"{housing.reference}/shards/manifest.json",
+            "--state", f"{housing.reference}/preprocessing/state.json", "--output", str(store / "train"),
+            "--set", "epochs=4", "--set", "batch_size=2048", "--set", "early_stopping_patience=4"]
+    run_killed("train", *args, temp=temp, kill_when=lambda: backed_up_epochs(temp) >= 2,
+               reader=complete_or_absent(store / "train", "training.json", {}))
+    [backup] = temp.glob("shardline-train-backup-*")
+    copies = [backup / "latest.weights.h5", backup / "latest.weights.h5.bkp"]
+    assert all(c.exists() for c in copies), sorted(p.name for p in backup.iterdir())
+    for copy in copies:
+        copy.write_bytes(copy.read_bytes()[:100])  # truncated
+
+    failed = subprocess.run([sys.executable, "-m", "tfjobs.train", *args], env=_env(temp), cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0
+    assert f"UnreadableBackupError: The training backup in {backup} cannot be read" in failed.stderr, \
+        failed.stderr[-3000:]
+    assert not backup.exists() and not (store / "train" / "training.json").exists()
+
+    log = run_step("train", *args, temp=temp, log_level="INFO")
+    assert re.findall(r"epoch (\d+)/4", log) == ["1", "2", "3", "4"], log[-3000:]
+    assert json.loads((store / "train" / "training.json").read_text())["epochs_run"] == 4
+
+
 @pytest.fixture(scope="module")
 def early_stopped(housing):
     """Training that EarlyStopping stops at a known epoch, uninterrupted (the reference).

@@ -292,8 +292,29 @@ def resumable(backup: Path) -> list:
                 self.epochs.setdefault(name, []).append(float(value))
             write_file_atomically(self.path, json.dumps(self.epochs).encode())
 
-    return [EpochHistory(), keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True,
-                                                             delete_checkpoint=False)]
+    class BackupOrFail(keras.callbacks.BackupAndRestore):
+        """Keras falls back to the older copy when the newer cannot be read; when neither can, the
+        backup goes and the try fails (a retry trains from the first epoch) rather than every retry
+        failing on it."""
+
+        def on_train_begin(self, logs=None):
+            try:
+                super().on_train_begin(logs)
+            except (OSError, ValueError, KeyError) as err:
+                raise unreadable_backup(backup, err) from err
+
+    return [EpochHistory(), BackupOrFail(str(backup), double_checkpoint=True, delete_checkpoint=False)]
+
+
+class UnreadableBackupError(RuntimeError):
+    """A training backup that cannot be read was removed; a retry (the task's next try) starts afresh."""
+
+
+def unreadable_backup(backup: Path, err: Exception) -> UnreadableBackupError:
+    shutil.rmtree(backup, ignore_errors=True)
+    return UnreadableBackupError(
+        f"The training backup in {backup} cannot be read ({type(err).__name__}: {err}); it is removed, and the "
+        "next try trains from the first epoch")
 
 
 EARLY_STOPPING_FILE = "early_stopping.json"
@@ -340,8 +361,11 @@ def early_stopping(patience: int, backup: Path | None):
             if self.restore_best_weights:
                 import numpy as np
 
-                with np.load(backup / f"early_stopping-{self.best_epoch}.npz") as saved:
-                    self.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+                try:
+                    with np.load(backup / f"early_stopping-{self.best_epoch}.npz") as saved:
+                        self.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+                except (OSError, ValueError, KeyError) as err:
+                    raise unreadable_backup(backup, err) from err
             log.info("EarlyStopping resumes after epoch %d: best val_loss %.6g at epoch %d, %d epoch(s) without "
                      "improvement (patience %d)", finished, self.best, self.best_epoch + 1, self.wait, self.patience)
 
