@@ -568,6 +568,33 @@ def test_a_retry_that_lost_its_claim_to_another_retry_stops_before_its_markers(b
     assert not [u for u in store.list(f"{bucket}/takeover") if "/.staging-" in u]
 
 
+def test_a_retry_that_fails_after_its_claim_was_taken_over_deletes_nothing_of_the_other_retrys(
+        bucket, tmp_path, monkeypatch):
+    """Whatever a publish fails on (here a dropped connection mid-copy), once another retry of the same model
+    has taken its claim over, the version directory is the other's: the failed one must not delete the files
+    the other has copied, or the other's markers would land over a directory with files missing."""
+    from tfjobs.storage.store import claim_uri
+
+    store = store_for(bucket)
+    a, _ = two_models(tmp_path)
+    target = f"{bucket}/takeover-fail/serving/m/5"
+
+    once = threading.Lock()
+
+    def dropped_after_the_other_retry_took_over(self, source, destination, **kwargs):
+        if once.acquire(blocking=False):  # (the copies run in threads: the first one does this)
+            self.claim(target, owner="weights-a")  # the other retry takes the claim over
+            self.write_bytes(f"{target}/variables/data", b"the other retry's copy")  # and copies a file
+        raise ConnectionError("connection dropped")
+
+    monkeypatch.setattr(type(store), "copy", dropped_after_the_other_retry_took_over)
+    with pytest.raises(ConnectionError):
+        store.publish_dir(a, target, last=["saved_model.pb"], exclusive=True, owner="weights-a")
+    assert store.read_bytes(f"{target}/variables/data") == b"the other retry's copy"
+    assert store.exists(claim_uri(target))  # the other retry's claim
+    assert not [u for u in store.list(f"{bucket}/takeover-fail") if "/.staging-" in u]
+
+
 def test_two_exports_of_different_models_racing_for_one_version_on_s3(bucket, penguins_pipeline, monkeypatch):
     """A manual trigger and the scheduled run export different models for the same date at once: both pick the
     same version, the claim lets one publish, the other fails saying so, and its retry takes the next version."""

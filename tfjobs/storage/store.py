@@ -143,14 +143,16 @@ class ObjectStore(ABC):
         if staged or exclusive:
             self.reclaim_abandoned(uri.rstrip("/").rpartition("/")[0], last)
         before_markers: Callable[[], None] = lambda: None  # noqa: E731
+        claimed = None
         if exclusive:
             token = self.claim(uri, owner)
             if any(self.exists(join(uri, marker)) for marker in last):
                 self._release_claim(uri)
                 raise AlreadyPublishedError(uri)
             before_markers = lambda: self._check_claim(uri, token)  # noqa: E731
+            claimed = (uri, token)
         if not staged:
-            with self._removed_on_failure(uri):
+            with self._removed_on_failure(uri, claimed=claimed):
                 self._replace_dir(uri, files, last, lambda rel: self.upload(local_dir / rel, join(uri, rel)),
                                   before_markers)
             if exclusive:
@@ -159,7 +161,7 @@ class ObjectStore(ABC):
         staging = staging_uri(uri)
         with self._removed_on_failure(staging):
             _run_concurrently(lambda rel: self.upload(local_dir / rel, join(staging, rel)), files)
-        with self._removed_on_failure(uri, staging):
+        with self._removed_on_failure(uri, staging, claimed=claimed):
             self._replace_dir(
                 uri, files, last,
                 lambda rel: self.copy(join(staging, rel), join(uri, rel), size=(local_dir / rel).stat().st_size),
@@ -286,26 +288,32 @@ class ObjectStore(ABC):
             log.warning("%s is published, but its claim %s could not be removed (harmless): %s",
                         uri, claim_uri(uri), err)
 
-    def _check_claim(self, uri: str, token: str) -> None:
+    def _holds_claim(self, uri: str, token: str) -> bool:
         current = self.read_versioned(claim_uri(uri))
-        if current is None or current[1] != token:
+        return current is not None and current[1] == token
+
+    def _check_claim(self, uri: str, token: str) -> None:
+        if not self._holds_claim(uri, token):
             raise ClaimLostError(uri, f"{uri} was taken over by another run of the same model while this one copied "
                                       f"its files ({claim_uri(uri)} changed); this run stopped before its markers "
                                       "and left the directory to that run")
 
     @contextlib.contextmanager
-    def _removed_on_failure(self, *uris: str) -> Iterator[None]:
+    def _removed_on_failure(self, *uris: str, claimed: tuple[str, str] | None = None) -> Iterator[None]:
         """Delete ``uris`` if the block fails, and re-raise the block's error (not the cleanup's).
 
-        A lost claim spares the published directory (it belongs to the run that took the claim).
+        ``claimed`` (uri, token): that directory is deleted only while this publish still holds its
+        claim. Once another run of the same model has taken the claim over, whatever this one failed
+        on, the directory is that run's, and it may be copying into it right now.
         """
         try:
             yield
-        except BaseException as err:
+        except BaseException:
             for uri in uris:
-                if isinstance(err, ClaimLostError) and uri == err.uri:
-                    continue
                 try:
+                    if claimed and uri == claimed[0] and not self._holds_claim(*claimed):
+                        log.warning("%s was taken over by another run of the same model: left to it", uri)
+                        continue
                     self.delete(uri)
                 except Exception as cleanup:
                     log.warning("Could not remove %s after a failed publish: %s", uri, cleanup)
