@@ -342,6 +342,20 @@ class StoredGzipMember:
         return [*self._header(), b"\x01\x00\x00\xff\xff", struct.pack("<II", self._crc, self._size & 0xFFFFFFFF)]
 
 
+class DeflatedGzipMember:
+    """One gzip member compressed by ISA-L's deflate, with :class:`StoredGzipMember`'s interface (lists of buffers)."""
+
+    def __init__(self, level: int) -> None:
+        # wbits=31: a gzip member (header mtime 0, so the same records give the same bytes).
+        self._deflate = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)
+
+    def compress(self, data) -> list:
+        return [self._deflate.compress(data)]
+
+    def flush(self) -> list:
+        return [self._deflate.flush()]
+
+
 class TFRecordFileWriter:
     """Appends batches of records to one TFRecord file, GZIP-compressed or not.
 
@@ -356,7 +370,7 @@ class TFRecordFileWriter:
         self.path = Path(path)
         self._file = open(self.path, "wb")
         self._level = level if compression == "GZIP" else None
-        self._zlib = None  # the open gzip member's compressor
+        self._member = None  # the open gzip member (its compressor)
         self.records = 0
         self.bytes = 0
         self._digest = hashlib.sha256()  # of the file's bytes, so nobody has to read it back
@@ -384,23 +398,16 @@ class TFRecordFileWriter:
         """Append ``records`` records already framed (``frame_in_place``), back to back."""
         if not records:
             return
-        if self._level is not None and self._zlib is None:
-            # wbits=31: a gzip member (header mtime 0, so the same records give the same bytes).
-            self._zlib = (StoredGzipMember() if self._level == STORED
-                          else isal_zlib.compressobj(self._level, isal_zlib.DEFLATED, 31))
-        if self._zlib is None:
-            self._emit(framed)
-        elif self._level == STORED:
-            self._emit(*self._zlib.compress(framed))
-        else:
-            self._emit(self._zlib.compress(framed))
+        if self._level is not None and self._member is None:
+            self._member = StoredGzipMember() if self._level == STORED else DeflatedGzipMember(self._level)
+        self._emit(*(self._member.compress(framed) if self._member is not None else [framed]))
         self.records += records
 
     def end_member(self) -> None:
         """Finish the open gzip member, if any: the next records start a new one."""
-        if self._zlib is not None:
-            self._emit(*self._zlib.flush()) if self._level == STORED else self._emit(self._zlib.flush())
-            self._zlib = None
+        if self._member is not None:
+            self._emit(*self._member.flush())
+            self._member = None
 
     def close(self) -> None:
         self.end_member()
