@@ -220,7 +220,7 @@ def test_a_promotion_killed_before_models_config_converges_when_run_again(servin
 
     set_production(serving, DAY, reason="first", by="ci")
     real = promote.sync_models_config
-    monkeypatch.setattr(promote, "sync_models_config", lambda uri: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(promote, "sync_models_config", lambda uri, pointer=None: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         set_production(serving, 2 * DAY, reason="second", by="ci")
     with pytest.raises(ValueError, match="models.config does not match production.json"):

@@ -170,47 +170,46 @@ def update_pointer(serving_uri: str, change: Callable[[dict | None], dict | None
         old = json.loads(current[0]) if current is not None else None
         new = change(old)
         if new is None:
-            sync_models_config(serving_uri)
+            sync_models_config(serving_uri, current)
             return old, False
+        data = json_bytes(new)
         try:
             if current is None:
-                store.write_conditional(uri, json_bytes(new), if_absent=True)
+                token = store.write_conditional(uri, data, if_absent=True)
             else:
-                store.write_conditional(uri, json_bytes(new), if_match=current[1])
+                token = store.write_conditional(uri, data, if_match=current[1])
         except PreconditionFailedError:
             log.info("%s changed while this promotion computed its update (try %d): reading it again", uri, attempt + 1)
             time.sleep(random.uniform(0, min(1.0, 0.02 * 2**attempt)))
             continue
-        sync_models_config(serving_uri)
+        sync_models_config(serving_uri, (data, token))
         return new, True
     raise PromotionConflictError(
         f"{uri} changed {MAX_ATTEMPTS} times while this promotion tried to write it: other promotions or rollbacks "
         "of this model ran at the same time, and theirs landed. Nothing of this one was written; run it again.")
 
 
-def sync_models_config(serving_uri: str) -> None:
+def sync_models_config(serving_uri: str, pointer: tuple[bytes, str] | None = None) -> None:
     """Write ``models.config`` from ``production.json``, until the pointer read after the write is the one it came from.
 
-    A promotion that commits later than ours writes its own config after its commit; one
-    that read the pointer before ours may write its stale config after ours, but then
-    finds the pointer changed and writes again. So the last config written is the last pointer's.
+    ``pointer``: the pointer's bytes and version token as the caller just read or wrote
+    them (else they are read). A promotion that commits later than ours writes its own
+    config after its commit; one that read the pointer before ours may write its stale
+    config after ours, but then finds the pointer changed and writes again. So the last
+    config written is the last pointer's.
     """
     uri, config_uri = join(serving_uri, PRODUCTION_FILE), join(serving_uri, MODELS_CONFIG_FILE)
     store = store_for(uri)
-    current = store.read_versioned(uri)
+    current = pointer if pointer is not None else store.read_versioned(uri)
     while current is not None:
         config = config_for(serving_uri, json.loads(current[0])).encode()
-        if not store.exists(config_uri) or store.read_bytes(config_uri) != config:
+        written = store.read_versioned(config_uri)
+        if written is None or written[0] != config:
             store.write_bytes(config_uri, config)
         after = store.read_versioned(uri)
         if after is not None and after[1] == current[1]:
             return
         current = after
-
-
-def write_pointer(serving_uri: str, pointer: dict) -> None:
-    """Replace ``production.json`` with ``pointer`` whatever it holds (by compare-and-swap), then ``models.config``."""
-    update_pointer(serving_uri, lambda old: pointer)
 
 
 def set_production(
@@ -312,7 +311,6 @@ def promote_evaluated(serving_uri: str, version: int, evaluation: dict, *, run: 
                 f"or a re-run of an older day). Promote it by hand if it should serve: python -m tfjobs.promote "
                 f"--serving {serving_uri} --version {version}")
 
-    not_over_a_newer_day(production(serving_uri))
     return set_production(
         serving_uri, version, reason=evaluation.get("reason", "blessed"), by=by, run=run,
         metrics={k: v for k, v in evaluation["metrics"].items() if isinstance(v, float)},
