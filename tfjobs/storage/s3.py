@@ -223,13 +223,10 @@ class S3Store(ObjectStore):
             raise _explain(err, "check", uri) from err
 
     def read_bytes(self, uri: str) -> bytes:
-        bucket, key = split_uri(uri)
-        try:
-            return client().get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")["Body"].read()
-        except Exception as err:
-            if _missing(err):
-                raise FileNotFoundError(f"{uri} does not exist") from err
-            raise _explain(err, "read", uri) from err
+        found = self.read_versioned(uri)
+        if found is None:
+            raise FileNotFoundError(f"{uri} does not exist")
+        return found[0]
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = split_uri(uri)
@@ -275,22 +272,16 @@ class S3Store(ObjectStore):
             raise PreconditionFailedError(uri, f"{state} (S3 answered {code or 'NoSuchKey'})") from err
 
     def list(self, prefix: str) -> list[str]:
-        bucket, key = split_uri(prefix)
-        key = key.rstrip("/")
-        uris = []
-        try:
-            paginator = client().get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=bucket, Prefix=f"{key}/" if key else ""):
-                uris.extend(f"s3://{bucket}/{item['Key']}" for item in page.get("Contents", []))
-            if key and not uris and self.exists(prefix):
-                return [prefix]
-        except ObjectStoreError:
-            raise
-        except Exception as err:
-            raise _explain(err, "list", prefix) from err
-        return sorted(uris)
+        uris = sorted(self._listed(prefix))
+        if not uris and split_uri(prefix)[1].rstrip("/") and self.exists(prefix):
+            return [prefix]
+        return uris
 
     def modified(self, prefix: str) -> dict[str, float]:
+        return self._listed(prefix)
+
+    def _listed(self, prefix: str) -> dict[str, float]:
+        """Every object under ``prefix/`` and when it was last modified (Unix seconds)."""
         bucket, key = split_uri(prefix)
         key = key.rstrip("/")
         try:
