@@ -62,7 +62,7 @@ from typing import Any
 
 from tfjobs import cli
 from tfjobs.spec import PipelineSpec, TrainingSpec, load_spec, tuned_state
-from tfjobs.storage.store import (join, local_dir_copy, read_json_if_exists, staging_dir, store_for,
+from tfjobs.storage.store import (join, local_dir_copy, read_json_if_exists, staging_dir, still_linked, store_for,
                                   write_file_atomically)
 
 log = logging.getLogger(__name__)
@@ -236,16 +236,17 @@ def one_training_at_a_time(backup: Path) -> Iterator[None]:
     while True:
         fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("Another process on this machine is training the same model into the same output; waiting for "
-                     "it (%s)", lock_path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("Another process on this machine is training the same model into the same output; "
+                         "waiting for it (%s)", lock_path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if still_linked(fd, lock_path):
                 break
-        except FileNotFoundError:
-            pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
     try:
         yield
@@ -358,23 +359,21 @@ def early_stopping(patience: int, backup: Path | None):
                 return
             self.wait, self.best, self.best_epoch = state["wait"], state["best"], state["best_epoch"]
             self.stopped_epoch = state["stopped_epoch"]
-            if self.restore_best_weights:
-                import numpy as np
+            import numpy as np
 
-                try:
-                    with np.load(backup / f"early_stopping-{self.best_epoch}.npz") as saved:
-                        self.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
-                except (OSError, ValueError, KeyError) as err:
-                    raise unreadable_backup(backup, err) from err
+            try:
+                with np.load(backup / f"early_stopping-{self.best_epoch}.npz") as saved:
+                    self.best_weights = [saved[f"w{i}"] for i in range(len(saved.files))]
+            except (OSError, ValueError, KeyError) as err:
+                raise unreadable_backup(backup, err) from err
             log.info("EarlyStopping resumes after epoch %d: best val_loss %.6g at epoch %d, %d epoch(s) without "
                      "improvement (patience %d)", finished, self.best, self.best_epoch + 1, self.wait, self.patience)
 
         def on_epoch_end(self, epoch, logs=None):
             super().on_epoch_end(epoch, logs)
-            if self.restore_best_weights and self.best_weights is not None:
+            if self.best_weights is not None:
                 weights = backup / f"early_stopping-{self.best_epoch}.npz"
                 if self.best_epoch == epoch or not weights.exists():  # (a killed try may have left another's)
-                    backup.mkdir(parents=True, exist_ok=True)
                     _write_npz_atomically(weights, self.best_weights)
             self.states[str(epoch + 1)] = {
                 "wait": self.wait, "best": None if self.best is None else float(self.best),

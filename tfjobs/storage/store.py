@@ -364,7 +364,7 @@ class LocalStore(ObjectStore):
         _check_condition(uri, if_absent, if_match)
         target = self.path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        reclaim_temp_files(target.parent)
+        reclaim_temp_files_once(target.parent)
         lock_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
@@ -372,17 +372,16 @@ class LocalStore(ObjectStore):
                 current = self.read_versioned(uri)
                 if current is None or current[1] != if_match:
                     raise PreconditionFailedError(uri, "is absent" if current is None else "was changed")
-            with owned_temp(target, lambda tmp: tmp.touch(exist_ok=False)) as tmp:
-                tmp.write_bytes(data)
-                if if_absent:
+                write_file_atomically(target, data)
+            else:
+                with owned_temp(target, lambda tmp: tmp.touch(exist_ok=False)) as tmp:
+                    tmp.write_bytes(data)
                     try:
                         os.link(tmp, target)
                     except FileExistsError:
                         raise PreconditionFailedError(uri, "exists") from None
                     finally:
                         tmp.unlink()
-                else:
-                    os.replace(tmp, target)
         finally:
             os.close(lock_fd)
         return hashlib.sha256(data).hexdigest()
@@ -407,7 +406,7 @@ class LocalStore(ObjectStore):
         if Path(local_path).resolve() == target.resolve():
             return
         target.parent.mkdir(parents=True, exist_ok=True)
-        reclaim_temp_files(target.parent)
+        reclaim_temp_files_once(target.parent)
 
         def create(tmp: Path) -> None:
             try:
@@ -436,20 +435,19 @@ class LocalStore(ObjectStore):
         rename fails if another publisher's directory got there first (a directory cannot
         be renamed onto one that holds files), and that one is left as it is. No claim is
         needed (``owner`` is not used): a killed publish leaves only its hidden sibling,
-        which the next write in the directory reclaims.
+        which the next process that writes in the directory reclaims.
         """
         _files_with_markers(local_dir, last)
         target = self.path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
-        reclaim_temp_files(target.parent)
+        reclaim_temp_files_once(target.parent)
         with owned_temp(target, lambda tmp: tmp.mkdir()) as staging:
             shutil.copytree(local_dir, staging, dirs_exist_ok=True)
             if not exclusive and target.exists():
                 shutil.rmtree(target)
             try:
                 os.rename(staging, target)
-            except OSError as err:
-                shutil.rmtree(staging, ignore_errors=True)
+            except OSError as err:  # (owned_temp removes the staging copy)
                 if exclusive and target.exists():
                     raise AlreadyPublishedError(uri) from err
                 raise
@@ -508,14 +506,14 @@ def owned_temp(target: Path, create: Callable[[Path], None]) -> Iterator[Path]:
         except FileNotFoundError:  # reclaimed already
             continue
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if _still_linked(fd, tmp):
+        if still_linked(fd, tmp):
             break
         os.close(fd)
     try:
         yield tmp
     finally:
         try:
-            if _still_linked(fd, tmp):  # the block failed before its rename: nothing to keep
+            if still_linked(fd, tmp):  # the block failed before its rename: nothing to keep
                 shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         finally:
             os.close(fd)
@@ -527,18 +525,35 @@ def write_file_atomically(target: Path, data: bytes) -> None:
     Temporaries that killed writers left in the directory go first (:func:`reclaim_temp_files`).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    reclaim_temp_files(target.parent)
+    reclaim_temp_files_once(target.parent)
     with owned_temp(target, lambda tmp: tmp.touch(exist_ok=False)) as tmp:
         tmp.write_bytes(data)
         os.replace(tmp, target)
+
+
+_RECLAIMED: set[tuple[int, str]] = set()
+
+
+def reclaim_temp_files_once(directory: Path) -> None:
+    """:func:`reclaim_temp_files` at this process's first write into ``directory``, not at every write.
+
+    A scan per write made writing a folder of N files (an image class, a shard set) cost N²
+    directory entries: 2,000 files took 1.4 s instead of 0.4 s on the dev VM. What a writer
+    killed later leaves there goes at the next process's first write.
+    """
+    key = (os.getpid(), os.fspath(directory))
+    if key not in _RECLAIMED:
+        reclaim_temp_files(directory)
+        _RECLAIMED.add(key)
 
 
 def reclaim_temp_files(directory: str | Path) -> list[Path]:
     """Delete the ``.<name>.<uuid>.tmp`` files and directories in ``directory`` left by killed writers.
 
     A temporary counts as left behind when no process holds its ``flock``
-    (:func:`owned_temp`); a live writer's is kept. Every local write runs this on its
-    target's directory first, so leftovers go at the next write there. Returns what was deleted.
+    (:func:`owned_temp`); a live writer's is kept. A process's first local write into a
+    directory runs this there first (:func:`reclaim_temp_files_once`), so leftovers go at
+    the next process that writes there. Returns what was deleted.
     """
     removed = []
     try:
@@ -552,7 +567,7 @@ def reclaim_temp_files(directory: str | Path) -> list[Path]:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not _still_linked(fd, entry.path):  # renamed into place, or another reclaimer was first
+            if not still_linked(fd, entry.path):  # renamed into place, or another reclaimer was first
                 continue
             if os.path.isdir(entry.path):
                 shutil.rmtree(entry.path, ignore_errors=True)
@@ -728,7 +743,7 @@ class StagingDir:
             fcntl.flock(fd, fcntl.LOCK_SH)
             path = Path(lock_path[: -len(_LOCK_SUFFIX)])
             # Between mkstemp and flock, a reclaimer may have taken the unheld lock and unlinked it.
-            if _still_linked(fd, lock_path):
+            if still_linked(fd, lock_path):
                 with contextlib.suppress(FileExistsError):
                     path.mkdir(mode=0o700)
                     break
@@ -760,7 +775,7 @@ def reclaim_staging_dirs(root: str | Path | None = None) -> list[Path]:
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if not _still_linked(fd, lock_path):  # another reclaimer was first
+            if not still_linked(fd, lock_path):  # another reclaimer was first
                 continue
             path = lock_path.with_name(lock_path.name[: -len(_LOCK_SUFFIX)])
             shutil.rmtree(path, ignore_errors=True)
@@ -781,14 +796,14 @@ def holding_staging_dir(path: str | Path) -> Iterator[Path]:
     fd = os.open(lock_path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
-        if not _still_linked(fd, lock_path):
+        if not still_linked(fd, lock_path):
             raise FileNotFoundError(f"The staging directory {path} was reclaimed: the process that made it is gone")
         yield Path(path)
     finally:
         os.close(fd)
 
 
-def _still_linked(fd: int, path: str | Path) -> bool:
+def still_linked(fd: int, path: str | Path) -> bool:
     """Whether ``path`` still names the file open as ``fd``."""
     try:
         return os.stat(path).st_ino == os.fstat(fd).st_ino
